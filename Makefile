@@ -1,0 +1,27 @@
+# Common tasks.  `make run` and `make test` are the two commands README.md promises.
+PYTHON ?= python3
+VENV ?= .venv
+PY = $(VENV)/bin/python
+
+.PHONY: venv run test bench lint clean
+
+$(VENV)/.stamp: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# Start a throwaway PostgreSQL 15 cluster and pgdoorman in front of it (foreground).
+run: venv
+	$(PY) tools/demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
