@@ -1,0 +1,533 @@
+#!/usr/bin/env python3
+"""
+Benchmark pgdoorman against PgBouncer and direct PostgreSQL in one interleaved run.
+
+A throwaway PostgreSQL 15 cluster (tools/pgcluster.py), Debian's pgbouncer and one pgdoorman
+process per interpreter (CPython, and PyPy with --pypy) are started; then for every
+(script, mode, clients) combination pgbench runs against each target back to back.  For the
+poolers the CPU time of the pooler process over the run (/proc/PID/stat utime+stime) divided by
+the transactions pgbench reports gives the figure of merit, µs of pooler CPU per transaction
+(see /work/shared/PERFORMANCE.md).  Everything started here is stopped on exit, Ctrl-C or error.
+
+    .venv/bin/python bench/run.py                 # full run (about 6 minutes)
+    .venv/bin/python bench/run.py --quick         # -S, c50, simple+extended, 5 s
+    .venv/bin/python bench/run.py --pypy --json out.json
+"""
+
+import argparse
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from pgcluster import PG_BIN, PgCluster, free_port  # noqa: E402
+
+PGBENCH = os.path.join(PG_BIN, "pgbench")
+PGBOUNCER = "/usr/sbin/pgbouncer"
+PYPY_VENV = os.path.join(ROOT, ".venv-pypy")
+PYPY_DEPS = ["twisted", "pyopenssl", "service-identity", "pyyaml", "xxhash",
+             "prometheus-client", "cryptography<44", "six", "tomli"]
+
+BENCH_USER = "bench"
+BENCH_PASSWORD = "bench-secret-pw"
+BENCH_DB = "bench"
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+IS_ROOT = os.geteuid() == 0
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+def proc_cpu(pid):
+    """utime + stime of a process (all its threads) in seconds, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        data = f.read()
+    # comm (field 2) may contain spaces; fields after the closing paren start at field 3.
+    rest = data[data.rindex(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def children_of(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                data = f.read()
+        except OSError:
+            continue
+        if int(data[data.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def wait_listening(port, proc, name, logfile, timeout=30.0):
+    """Wait until 127.0.0.1:port accepts; fail with the process's log if it dies or hangs."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError("%s exited with status %s before listening on port %d\n%s"
+                             % (name, proc.returncode, port, tail(logfile)))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError("%s did not listen on port %d within %.0f s\n%s"
+                                 % (name, port, timeout, tail(logfile)))
+            time.sleep(0.05)
+
+
+def tail(path, n=60):
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.readlines()
+    except OSError as e:
+        return "(no log: %s)" % e
+    return "---- %s (last %d lines) ----\n%s----" % (path, n, "".join(lines[-n:]))
+
+
+class Service:
+    """A pooler process we started; stop() kills its whole process group."""
+
+    def __init__(self, name, port, proc, pid, logfile):
+        self.name, self.port, self.proc, self.pid, self.logfile = name, port, proc, pid, logfile
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+
+    def check_alive(self):
+        if self.proc.poll() is not None:
+            raise BenchError("%s died (status %s)\n%s"
+                             % (self.name, self.proc.returncode, tail(self.logfile)))
+
+
+# -- pgbouncer ----------------------------------------------------------------------------------
+
+def ensure_pgbouncer():
+    if os.path.exists(PGBOUNCER):
+        return
+    log("pgbouncer is missing; installing it with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "pgbouncer"], check=True, env=env)
+    # The package starts a system pgbouncer on 6432; we do not need it.
+    subprocess.run(["systemctl", "stop", "pgbouncer"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not os.path.exists(PGBOUNCER):
+        raise BenchError("apt-get install pgbouncer did not provide %s" % PGBOUNCER)
+
+
+def start_pgbouncer(workdir, pg_port, secret, pool_size):
+    ensure_pgbouncer()
+    d = os.path.join(workdir, "pgbouncer")
+    os.makedirs(d)
+    port = free_port()
+    ini = os.path.join(d, "pgbouncer.ini")
+    users = os.path.join(d, "userlist.txt")
+    logfile = os.path.join(d, "pgbouncer.log")
+    with open(users, "w") as f:
+        f.write('"%s" "%s"\n' % (BENCH_USER, secret))
+    with open(ini, "w") as f:
+        f.write("""[databases]
+%(db)s = host=127.0.0.1 port=%(pg_port)d dbname=%(db)s
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %(port)d
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = %(users)s
+pool_mode = transaction
+default_pool_size = %(pool)d
+max_client_conn = 1000
+ignore_startup_parameters = extra_float_digits
+logfile = %(log)s
+pidfile = %(dir)s/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+""" % dict(db=BENCH_DB, pg_port=pg_port, port=port, users=users, pool=pool_size,
+           log=logfile, dir=d))
+    argv = [PGBOUNCER, ini]
+    if IS_ROOT:
+        pw = pwd.getpwnam("postgres")
+        for p in (d, ini, users):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(users, 0o600)
+        argv = ["runuser", "-u", "postgres", "--"] + argv
+    out = open(os.path.join(d, "stdout.log"), "w")
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    out.close()
+    svc = Service("pgbouncer", port, proc, None, logfile)
+    try:
+        wait_listening(port, proc, "pgbouncer", logfile)
+        # Under runuser the pgbouncer process is a child of runuser; find the real one.
+        pid = proc.pid
+        for _ in range(50):
+            exe = os.path.realpath("/proc/%d/exe" % pid) if os.path.exists("/proc/%d" % pid) else ""
+            if exe.endswith("pgbouncer"):
+                break
+            kids = children_of(pid)
+            if kids:
+                pid = kids[0]
+            else:
+                time.sleep(0.05)
+        else:
+            raise BenchError("cannot find the pgbouncer process under PID %d" % proc.pid)
+        svc.pid = pid
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+# -- pgdoorman ----------------------------------------------------------------------------------
+
+def ensure_pypy_venv():
+    py = os.path.join(PYPY_VENV, "bin", "python")
+    if os.path.exists(py):
+        return py
+    pypy = shutil.which("pypy3")
+    if not pypy:
+        raise BenchError("--pypy: pypy3 is not installed (apt-get install -y pypy3)")
+    log("creating %s" % PYPY_VENV)
+    subprocess.run([pypy, "-m", "venv", PYPY_VENV], check=True)
+    subprocess.run([os.path.join(PYPY_VENV, "bin", "pip"), "install", "-q"] + PYPY_DEPS,
+                   check=True)
+    return py
+
+
+def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size):
+    d = os.path.join(workdir, name)
+    os.makedirs(d)
+    port = free_port()
+    conf = os.path.join(d, "pgdoorman.yaml")
+    logfile = os.path.join(d, "pgdoorman.log")
+    q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
+    with open(conf, "w") as f:
+        f.write("""general:
+  host: "127.0.0.1"
+  port: %(port)d
+  admin_username: "admin"
+  admin_password: "admin"
+pools:
+  %(db)s:
+    server_host: "127.0.0.1"
+    server_port: %(pg_port)d
+    pool_mode: "transaction"
+    users:
+      - username: %(user)s
+        password: %(cpw)s
+        pool_size: %(pool)d
+        server_username: %(user)s
+        server_password: %(spw)s
+""" % dict(port=port, db=BENCH_DB, pg_port=pg_port, user=q(BENCH_USER), cpw=q(client_password),
+           pool=pool_size, spw=q(BENCH_PASSWORD)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    out = open(logfile, "w")
+    proc = subprocess.Popen([python, "-m", "pgdoorman", conf], stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d, env=env,
+                            start_new_session=True)
+    out.close()
+    svc = Service(name, port, proc, proc.pid, logfile)
+    try:
+        wait_listening(port, proc, "%s (%s -m pgdoorman)" % (name, python), logfile, timeout=60)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+# -- pgbench ------------------------------------------------------------------------------------
+
+def run_pgbench(port, script, mode, clients, duration, timeout_extra=120):
+    argv = [PGBENCH, "-n", "-h", "127.0.0.1", "-p", str(port), "-U", BENCH_USER,
+            "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration)]
+    if script == "select":
+        argv.append("-S")
+    argv.append(BENCH_DB)
+    env = dict(os.environ, PGPASSWORD=BENCH_PASSWORD, PGSSLMODE="disable",
+               PGAPPNAME="pgdoorman-bench")
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           timeout=duration + timeout_extra)
+        out, err, rc = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), \
+            p.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace")
+        err = (e.stderr or b"").decode(errors="replace") + "\n(pgbench timed out)"
+        rc = -1
+    return parse_pgbench(out, err, rc)
+
+
+def parse_pgbench(out, err, rc):
+    res = {"tps": None, "transactions": 0, "failed": 0, "aborted_clients": 0, "rc": rc}
+    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    if m:
+        res["tps"] = float(m.group(1))
+    m = re.search(r"number of transactions actually processed: (\d+)", out)
+    if m:
+        res["transactions"] = int(m.group(1))
+    m = re.search(r"number of failed transactions: (\d+)", out)
+    if m:
+        res["failed"] = int(m.group(1))
+    res["aborted_clients"] = len(re.findall(r"client \d+ .*aborted", err))
+    errors = []
+    if res["failed"]:
+        errors.append("%d failed tx" % res["failed"])
+    if res["aborted_clients"]:
+        errors.append("%d clients aborted" % res["aborted_clients"])
+    if rc != 0:
+        errors.append("exit %s" % rc)
+    if res["tps"] is None:
+        errors.append("no tps")
+    res["errors"] = ", ".join(errors)
+    if errors:
+        lines = [l for l in err.splitlines() if l.strip()]
+        res["stderr"] = "\n".join(lines[:5] + (["..."] + lines[-3:] if len(lines) > 8 else
+                                                lines[5:]))
+    return res
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def table(results, targets):
+    poolers = [t for t in targets if t.startswith("pgdoorman")]
+    cols = ["script", "mode", "clients"]
+    cols += ["%s TPS" % t for t in targets]
+    for p in poolers:
+        if "pgbouncer" in targets:
+            cols.append("%s/pgbouncer" % p)
+        if "direct" in targets:
+            cols.append("%s/direct" % p)
+    cpu_targets = [t for t in targets if t != "direct"]
+    cols += ["%s µs/tx" % t for t in cpu_targets]
+    cols.append("errors")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in results:
+        r = row["runs"]
+        cells = [row["script"], row["mode"], str(row["clients"])]
+        cells += [fmt(r.get(t, {}).get("tps"), ".0f") for t in targets]
+        for p in poolers:
+            if "pgbouncer" in targets:
+                cells.append(fmt(ratio(r[p].get("tps"), r["pgbouncer"].get("tps")), ".2f"))
+            if "direct" in targets:
+                cells.append(fmt(ratio(r[p].get("tps"), r["direct"].get("tps")), ".2f"))
+        cells += [fmt(r.get(t, {}).get("cpu_us_per_tx"), ".1f") for t in cpu_targets]
+        errs = ["%s: %s" % (t, r[t]["errors"]) for t in targets if r.get(t, {}).get("errors")]
+        cells.append("; ".join(errs) or "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", "-T", type=int, default=5,
+                    help="seconds per pgbench run (default 5)")
+    ap.add_argument("--clients", default="10,50,200", help="client counts (default 10,50,200)")
+    ap.add_argument("--modes", default="simple,extended,prepared",
+                    help="pgbench -M modes (default simple,extended,prepared)")
+    ap.add_argument("--scripts", default="select,tpcb",
+                    help="select (-S) and/or tpcb (the default tpcb-like) (default both)")
+    ap.add_argument("--pool-size", type=int, default=20, help="server pool size (default 20)")
+    ap.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
+    ap.add_argument("--pypy", action="store_true",
+                    help="also run pgdoorman on PyPy (.venv-pypy, created if missing)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter for the CPython pgdoorman (default: this one)")
+    ap.add_argument("--targets", default=None,
+                    help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pypy "
+                         "(default: all that apply)")
+    ap.add_argument("--client-auth", choices=["scram", "plain"], default="scram",
+                    help="password in pgdoorman's config: the SCRAM secret (default) or plaintext")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="seconds of unreported -S warm-up per target and mode (default 2; 0 off)")
+    ap.add_argument("--json", metavar="FILE", help="save raw results as JSON")
+    ap.add_argument("--quick", action="store_true",
+                    help="fast check: -S only, -c 50, simple+extended, 5 s")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.scripts, args.clients, args.modes, args.duration = "select", "50", \
+            "simple,extended", 5
+    args.clients = [int(c) for c in args.clients.split(",") if c]
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.scripts = [s for s in args.scripts.split(",") if s]
+    for s in args.scripts:
+        if s not in ("select", "tpcb"):
+            ap.error("unknown script %r" % s)
+    for m in args.modes:
+        if m not in ("simple", "extended", "prepared"):
+            ap.error("unknown mode %r" % m)
+    if args.targets:
+        args.targets = [t for t in args.targets.split(",") if t]
+    else:
+        args.targets = ["direct", "pgbouncer", "pgdoorman"] + (["pgdoorman-pypy"] if args.pypy
+                                                                 else [])
+    for t in args.targets:
+        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy"):
+            ap.error("unknown target %r" % t)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists(PGBENCH):
+        raise BenchError("%s not found (PostgreSQL 15 client binaries)" % PGBENCH)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    n = len(args.scripts) * len(args.modes) * len(args.clients)
+    est = n * len(args.targets) * (args.duration + 1.5) + 40
+    log("%d combinations x %d targets x %d s; about %.0f min"
+        % (n, len(args.targets), args.duration, est / 60))
+
+    workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-")
+    if IS_ROOT:
+        pw = pwd.getpwnam("postgres")
+        os.chown(workdir, pw.pw_uid, pw.pw_gid)
+    os.chmod(workdir, 0o755)
+    cluster = None
+    services = {}
+    try:
+        cluster = PgCluster(base_dir=os.path.join(workdir, "pg"))
+        cluster.init(settings={"max_connections": "400"}).start()
+        cluster.create_user(BENCH_USER, BENCH_PASSWORD)
+        cluster.create_database(BENCH_DB, owner=BENCH_USER)
+        secret = cluster.password_hash(BENCH_USER)
+        assert secret.startswith("SCRAM-SHA-256$"), secret
+        log("PostgreSQL on port %d; pgbench -i -s %d" % (cluster.port, args.scale))
+        subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
+                        "-p", str(cluster.port), "-U", BENCH_USER, BENCH_DB],
+                       env=dict(os.environ, PGPASSWORD=BENCH_PASSWORD), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cluster.psql("VACUUM ANALYZE", db=BENCH_DB)
+
+        ports = {"direct": cluster.port}
+        if "pgbouncer" in args.targets:
+            services["pgbouncer"] = start_pgbouncer(workdir, cluster.port, secret,
+                                                    args.pool_size)
+        client_pw = secret if args.client_auth == "scram" else BENCH_PASSWORD
+        if "pgdoorman" in args.targets:
+            services["pgdoorman"] = start_pgdoorman("pgdoorman", args.python, workdir,
+                                                    cluster.port, client_pw, args.pool_size)
+        if "pgdoorman-pypy" in args.targets:
+            services["pgdoorman-pypy"] = start_pgdoorman("pgdoorman-pypy", ensure_pypy_venv(),
+                                                         workdir, cluster.port, client_pw,
+                                                         args.pool_size)
+        for name, svc in services.items():
+            ports[name] = svc.port
+            log("%s on port %d (pid %d)" % (name, svc.port, svc.pid))
+
+        if args.warmup:
+            log("warm-up: %d s of -S per target and mode" % args.warmup)
+            for mode in args.modes:
+                for t in args.targets:
+                    run_pgbench(ports[t], "select", mode, 10, args.warmup)
+            for svc in services.values():
+                svc.check_alive()
+
+        results = []
+        for script in args.scripts:
+            for mode in args.modes:
+                for clients in args.clients:
+                    row = {"script": script, "mode": mode, "clients": clients, "runs": {}}
+                    for t in args.targets:
+                        svc = services.get(t)
+                        if svc:
+                            svc.check_alive()
+                            cpu0 = proc_cpu(svc.pid)
+                        t0 = time.monotonic()
+                        res = run_pgbench(ports[t], script, mode, clients, args.duration)
+                        res["wall_s"] = round(time.monotonic() - t0, 3)
+                        if svc:
+                            svc.check_alive()
+                            cpu = proc_cpu(svc.pid) - cpu0
+                            res["cpu_s"] = round(cpu, 4)
+                            res["cpu_us_per_tx"] = (cpu * 1e6 / res["transactions"]
+                                                    if res["transactions"] else None)
+                        row["runs"][t] = res
+                        log("%-6s %-8s c%-4d %-15s tps %8s  %s%s" % (
+                            script, mode, clients, t, fmt(res["tps"], ".0f"),
+                            "%.1f us/tx" % res["cpu_us_per_tx"]
+                            if res.get("cpu_us_per_tx") else "",
+                            ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
+                        if res.get("stderr"):
+                            log("    " + res["stderr"].replace("\n", "\n    "))
+                    results.append(row)
+
+        print()
+        print("pgbench -n -j 2 -T %d, scale %d, pool size %d, pooler CPU from /proc/PID/stat"
+              % (args.duration, args.scale, args.pool_size))
+        print()
+        print(table(results, args.targets))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"},
+                           "pg_port": cluster.port, "results": results}, f, indent=1)
+            log("raw results in %s" % args.json)
+        return 0
+    finally:
+        for svc in services.values():
+            svc.stop()
+        if cluster is not None:
+            cluster.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        log("bench/run.py: ERROR: %s" % e)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log("bench/run.py: interrupted; cleaned up")
+        sys.exit(130)
