@@ -103,7 +103,8 @@ def tail(path, n=60):
             lines = f.readlines()
     except OSError as e:
         return "(no log: %s)" % e
-    return "---- %s (last %d lines) ----\n%s----" % (path, n, "".join(lines[-n:]))
+    return "---- %s (last %d lines) ----\n%s----" % (os.path.basename(path), n,
+                                                     "".join(lines[-n:]))
 
 
 class Service:
@@ -114,12 +115,22 @@ class Service:
 
     def stop(self):
         if self.proc.poll() is None:
+            # Signal the pooler itself first (under runuser, runuser exits when it does), then
+            # the whole process group as a fallback.
+            for pid, kill in ((self.pid, os.kill), (self.proc.pid, os.killpg)):
+                if pid is None:
+                    continue
+                try:
+                    kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    self.proc.wait(3)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
+                self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -425,7 +436,8 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, on_term)
 
     n = len(args.scripts) * len(args.modes) * len(args.clients)
-    est = n * len(args.targets) * (args.duration + 1.5) + 40
+    est = (n * len(args.targets) * (args.duration + 1.2) + 30
+           + (len(args.modes) * len(args.targets) * (args.warmup + 0.5) if args.warmup else 0))
     log("%d combinations x %d targets x %d s; about %.0f min"
         % (n, len(args.targets), args.duration, est / 60))
 
