@@ -1154,13 +1154,18 @@ _YAMLLoader.add_implicit_resolver(
 
 
 def _yaml_lines(node: Any, path: _Path, lines: Dict[_Path, int],
-                duplicates: List[Tuple[_Path, int]]) -> None:
+                duplicates: List[Tuple[_Path, int]],
+                parents: Tuple[int, ...] = ()) -> None:
     """
     Record the 1-based line of every key and list item under C{node}.
 
-    Only plain mappings and sequences are walked; anchors and merge keys
-    still load, their keys just have no line.
+    Only plain mappings and sequences are walked; keys reached through
+    merge keys still load, they just have no line of their own.  C{parents}
+    stops the walk on recursive aliases.
     """
+    if id(node) in parents:
+        return
+    parents = parents + (id(node),)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -1169,12 +1174,13 @@ def _yaml_lines(node: Any, path: _Path, lines: Dict[_Path, int],
             if key_path in lines and key_node.value != "<<":
                 duplicates.append((key_path, key_node.start_mark.line + 1))
             lines[key_path] = key_node.start_mark.line + 1
-            _yaml_lines(value_node, key_path, lines, duplicates)
+            _yaml_lines(value_node, key_path, lines, duplicates,
+                        parents)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             item_path = path + (index,)
             lines[item_path] = item.start_mark.line + 1
-            _yaml_lines(item, item_path, lines, duplicates)
+            _yaml_lines(item, item_path, lines, duplicates, parents)
 
 
 def _parse_yaml(text: str, path: str) -> Tuple[Any, Dict[_Path, int]]:
@@ -1454,8 +1460,10 @@ class _Builder:
             raise ConfigError(self.path, "missing required section "
                               "'general'")
         general = self.general(data["general"])
+        raw_prometheus = data.get("prometheus")
         prometheus = PrometheusConfig(**self.section(
-            data.get("prometheus") or {}, ("prometheus",), "prometheus"))
+            {} if raw_prometheus is None else raw_prometheus,
+            ("prometheus",), "prometheus"))
         if data.get("pools") is None:
             raise ConfigError(self.path, "missing required section 'pools'")
         if not isinstance(data["pools"], dict):
