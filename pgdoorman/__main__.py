@@ -1,0 +1,3 @@
+from pgdoorman.cli import main
+
+main()

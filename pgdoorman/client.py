@@ -1,0 +1,627 @@
+"""
+The client side: one application connection to the pooler.
+
+L{ClientConnection} reads the startup packet (answering SSLRequest, GSSENCRequest and
+CancelRequest), authenticates the client against the configuration (md5 or SCRAM-SHA-256),
+tells it the server's parameters and its own cancel key, and then relays its messages to a
+server connection from the pool.  In the relay it reads only message headers: Sync, Query and
+FunctionCall each promise one ReadyForQuery, extended-protocol messages after the last Sync
+mean the server is mid-pipeline, and Terminate means goodbye.  Those few facts are all the
+server side needs to know when a transaction-mode server may go back to the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Dict, List, Optional
+
+from twisted.internet import protocol, reactor
+from twisted.logger import Logger
+
+from pgdoorman import params as _params
+from pgdoorman.auth import md5 as _md5
+from pgdoorman.auth import scram as _scram
+from pgdoorman.protocol import errors, messages
+from pgdoorman.sendnow import make_sender
+from pgdoorman.session import ClientSession
+
+_unpack_len = struct.Struct("!I").unpack_from
+_int32 = struct.Struct("!i")
+
+# Frontend codes by what they mean for the server's state.
+_SYNCS = frozenset((messages.SYNC, messages.QUERY, messages.FUNCTION_CALL))
+_EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.EXECUTE, messages.DESCRIBE,
+                       messages.CLOSE, messages.FLUSH))
+_TERMINATE = messages.TERMINATE
+
+#: Virtual databases of the admin console.
+ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
+
+#: Time allowed from TCP connect to a logged-in client (PostgreSQL's authentication_timeout).
+LOGIN_TIMEOUT = 60.0
+
+#: Bytes a client may queue while it waits for a server before we stop reading from it.
+MAX_QUEUED = 1024 * 1024
+
+#: PostgreSQL refuses any message over 1 GB (MaxAllocSize); so do we, before it reaches a server.
+MAX_MESSAGE = 0x3FFFFFFF
+
+_scram_secrets: Dict[str, _scram.ScramSecret] = {}
+
+
+def _scram_secret(password: str) -> _scram.ScramSecret:
+    """
+    The SCRAM secret for a configured password; derived once per plaintext password, since
+    4096 rounds of PBKDF2 per login would be the most expensive thing the pooler does.
+    """
+    secret = _scram_secrets.get(password)
+    if secret is None:
+        if password.startswith("SCRAM-SHA-256$"):
+            secret = _scram.parse_scram_secret(password)
+        else:
+            secret = _scram.secret_from_password(password)
+        _scram_secrets[password] = secret
+    return secret
+
+
+class ClientConnection(protocol.Protocol):
+    """
+    One client.  Its session state is in C{self.session}; C{self.server} is the server
+    connection it holds right now, if any.
+    """
+
+    log = Logger()
+
+    def __init__(self, service):
+        self.service = service
+        self.session = ClientSession()
+        self.pool = None
+        self.server = None
+        self.params: Dict[str, Optional[str]] = {}
+        self.cancel_key = None
+        self.wait_started = 0.0
+        self.id = service.next_id()
+        self.send = None
+        self.peer = ""
+        self._buf = b""
+        self._head = b""
+        self._remain = 0
+        self._dirty = False
+        self._queued: List[bytes] = []
+        self._queued_len = 0
+        self._queued_syncs = 0
+        self._waiting = False
+        self._login_pending = False
+        self._wanted: Dict[str, str] = {}
+        self._auth = None
+        self._closed = False
+        self._login_timer = None
+        self._paused = False
+        self._terminate = False
+        self.pool_key_hint = None
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connectionMade(self):
+        t = self.transport
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:
+            pass
+        peer = t.getPeer()
+        self.peer = "%s:%s" % (peer.host, peer.port) if hasattr(peer, "port") else str(
+            getattr(peer, "name", "unix"))
+        self.session.peer = self.peer
+        self.session.connected_at = time.time()
+        self.send = make_sender(t, self._backlog)
+        self.dataReceived = self._startupData
+        self._login_timer = reactor.callLater(LOGIN_TIMEOUT, self._loginTimeout)
+        general = self.service.config.general
+        if general.max_connections and self.factory.connections > general.max_connections:
+            self._fatal(errors.PgError(errors.TOO_MANY_CONNECTIONS,
+                                       "sorry, too many clients already"),
+                        "max_connections (%d) reached" % general.max_connections)
+
+    def _fatal(self, err: errors.PgError, why: Optional[str] = None) -> None:
+        """Send an error to the client and close; log it once."""
+        if self._closed:
+            return
+        self.log.info("client {peer} ({user}@{db}): {error}{why}", peer=self.peer,
+                      user=self.session.user or "-", db=self.session.database or "-",
+                      error=err, why=" (%s)" % why if why else "")
+        self._closed = True
+        self.dataReceived = self._ignore
+        self.transport.write(err.to_bytes())
+        self.transport.loseConnection()
+
+    def _ignore(self, data: bytes) -> None:
+        pass
+
+    def _loginTimeout(self):
+        self._login_timer = None
+        self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                   "login not completed within %gs" % LOGIN_TIMEOUT))
+
+    # -- startup packet ----------------------------------------------------------------------
+
+    def _startupData(self, data: bytes) -> None:
+        buf = self._buf + data
+        while len(buf) >= 4:
+            (length,) = _int32.unpack_from(buf)
+            if length < 8 or length > messages.MAX_STARTUP_PACKET:
+                self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "invalid length of startup packet"),
+                            "length %d" % length)
+                return
+            if len(buf) < length:
+                break
+            packet, buf = buf[:length], buf[length:]
+            (code,) = _int32.unpack_from(packet, 4)
+            if code in (messages.SSL_REQUEST_CODE, messages.GSSENC_REQUEST_CODE):
+                # Encryption is not offered (yet): 'N' and the client goes on in the clear
+                # or gives up, as it chooses.
+                self.transport.write(b"N")
+                continue
+            if code == messages.CANCEL_REQUEST_CODE:
+                if length == 16:
+                    pid, secret = struct.unpack_from("!ii", packet, 8)
+                    self.service.cancel(pid, secret)
+                self._closed = True
+                self.transport.loseConnection()
+                return
+            self._buf = b""
+            self._startup(code, packet[8:], buf)
+            return
+        self._buf = buf
+
+    def _startup(self, version: int, payload: bytes, rest: bytes) -> None:
+        major, minor = version >> 16, version & 0xFFFF
+        if major != 3:
+            self._fatal(errors.PgError(
+                errors.FEATURE_NOT_SUPPORTED,
+                "unsupported frontend protocol %d.%d: server supports 3.0 to 3.0"
+                % (major, minor)))
+            return
+        try:
+            startup = messages.parse_startup_params(payload)
+        except ValueError as e:
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION, str(e)))
+            return
+        if minor > 0 or any(k.startswith("_pq_.") for k in startup):
+            # A newer libpq asks for 3.x or protocol options: say we speak 3.0 with none.
+            self.transport.write(messages.negotiate_protocol_version(
+                0, [k for k in startup if k.startswith("_pq_.")]))
+            for k in [k for k in startup if k.startswith("_pq_.")]:
+                del startup[k]
+        user = startup.get("user")
+        if not user:
+            self._fatal(errors.PgError(errors.INVALID_AUTHORIZATION,
+                                       "no PostgreSQL user name specified in startup packet"))
+            return
+        if startup.get("replication", "false").lower() not in ("false", "0", "off", "no"):
+            self._fatal(errors.PgError(errors.FEATURE_NOT_SUPPORTED,
+                                       "replication connections are not supported by "
+                                       "pgdoorman"))
+            return
+        database = startup.get("database") or user
+        s = self.session
+        s.user, s.database, s.startup = user, database, startup
+        if self.service.config.general.log_client_connections:
+            self.log.info("client {peer} connecting as {user} to {db}", peer=self.peer,
+                          user=user, db=database)
+        if database in ADMIN_DATABASES:
+            self._fatal(errors.PgError(errors.FEATURE_NOT_SUPPORTED,
+                                       "the admin console is not available in this version "
+                                       "of pgdoorman"))
+            return
+        pcfg = self.service.config.pools.get(database)
+        if pcfg is None:
+            self._fatal(errors.PgError(errors.INVALID_CATALOG_NAME,
+                                       'database "%s" does not exist' % database),
+                        "no pool of that name in the config")
+            return
+        ucfg = pcfg.user(user)
+        if ucfg is None:
+            self._fatal(errors.PgError(errors.INVALID_PASSWORD,
+                                       'password authentication failed for user "%s"' % user),
+                        'no user "%s" in pool "%s"' % (user, database))
+            return
+        self._startAuth(ucfg.password)
+        if rest:
+            self.dataReceived(rest)
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def _startAuth(self, password: Optional[str]) -> None:
+        self.dataReceived = self._authData
+        if password is None:
+            self._authenticated()
+        elif _md5.is_md5_hash(password):
+            salt = os.urandom(4)
+            self._auth = ("md5", password, salt)
+            self.transport.write(messages.authentication_md5(salt))
+        else:
+            try:
+                server = _scram.ScramServer(_scram_secret(password),
+                                            user=self.session.user)
+            except ValueError as e:
+                self._fatal(errors.PgError(errors.INVALID_PASSWORD,
+                                           'password authentication failed for user "%s"'
+                                           % self.session.user), "bad secret in config: %s" % e)
+                return
+            self._auth = ("scram", server, 0)
+            self.transport.write(messages.authentication_sasl([_scram.MECHANISM]))
+
+    def _authData(self, data: bytes) -> None:
+        try:
+            msgs, self._buf = messages.split_messages(self._buf + data)
+        except ValueError as e:
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION, str(e)))
+            return
+        if len(self._buf) > 65536:
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                       "authentication message too long"))
+            return
+        for i, (code, payload) in enumerate(msgs):
+            if self.dataReceived != self._authData:
+                # Authenticated: anything after the last auth message is the next phase's.
+                rest = b"".join(messages.message(bytes([c]), p) for c, p in msgs[i:])
+                self._buf, buf = b"", self._buf
+                self.dataReceived(rest + buf)
+                return
+            if code != messages.PASSWORD:
+                self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "expected password response, got message type %r"
+                                           % chr(code)))
+                return
+            self._authMessage(payload)
+        if self.dataReceived != self._authData and self._buf:
+            buf, self._buf = self._buf, b""
+            self.dataReceived(buf)
+
+    def _authMessage(self, payload: bytes) -> None:
+        kind, state, step = self._auth
+        user = self.session.user
+        failed = errors.PgError(errors.INVALID_PASSWORD,
+                                'password authentication failed for user "%s"' % user)
+        if kind == "md5":
+            if _md5.md5_verify(state, user, step, payload):
+                self._authenticated()
+            else:
+                self._fatal(failed, "wrong password (md5)")
+            return
+        try:
+            if step == 0:
+                mechanism, first = messages.parse_sasl_initial_response(payload)
+                if mechanism != _scram.MECHANISM:
+                    self._fatal(errors.PgError(
+                        errors.PROTOCOL_VIOLATION,
+                        "client selected an invalid SASL authentication mechanism"))
+                    return
+                self.transport.write(messages.authentication_sasl_continue(
+                    state.handle_client_first(first)))
+                self._auth = (kind, state, 1)
+            else:
+                final = state.handle_client_final(payload)
+                self.pool_key_hint = state.client_key
+                self.transport.write(messages.authentication_sasl_final(final))
+                self._authenticated()
+        except _scram.AuthFailed:
+            self._fatal(failed, "wrong password (scram)")
+        except (_scram.ScramError, ValueError) as e:
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                       getattr(e, "message", str(e))))
+
+    def _authenticated(self) -> None:
+        """The client proved who it is: join the pool and learn the server's parameters."""
+        s = self.session
+        self.transport.write(messages.authentication_ok())
+        self.dataReceived = self._queueData
+        pool = self.pool = self.service.get_pool(s.database, s.user)
+        key = self.pool_key_hint
+        if key is not None and pool.scram_client_key is None:
+            pool.scram_client_key = key
+        pool.clients += 1
+        wanted: Dict[str, str] = {}
+        startup = dict(s.startup)
+        startup.update(_params.parse_options(startup.get("options", "")))
+        for name, value in startup.items():
+            canonical = _params.CANONICAL.get(name.lower())
+            if canonical is not None:
+                wanted[canonical] = value
+        self._wanted = wanted
+        if pool.default_params is None or self._needsServerForParams():
+            self._login_pending = True
+            self._waiting = True
+            pool.checkout(self)
+        else:
+            self.params = self._paramsFromDefaults()
+            self._finishLogin()
+
+    def _needsServerForParams(self) -> bool:
+        """
+        A reported parameter whose value differs from the pool's default must be SET on a
+        server once, so that we learn PostgreSQL's spelling of it ("utf8" is "UTF8").
+        """
+        defaults = self.pool.default_params
+        for name, value in self._wanted.items():
+            if name in _params.REPORTED:
+                have = defaults.get(name)
+                if have is None or have.lower() != value.lower():
+                    return True
+        return False
+
+    def _paramsFromDefaults(self) -> Dict[str, Optional[str]]:
+        p = dict(self.pool.default_params)
+        for name, value in self._wanted.items():
+            if name in _params.STARTUP_ONLY:
+                p[name] = value
+        return p
+
+    def _loginWithServer(self, server) -> None:
+        """Learn the server's spelling of the client's startup parameters, then go on."""
+        self.params = self._paramsFromDefaults()
+        sql = _params.sync_sql({k: v for k, v in self._wanted.items()
+                                if k in _params.REPORTED and
+                                (server.params.get(k) or "").lower() != v.lower()},
+                               server.params)
+
+        def done(err):
+            if self._closed:
+                self._giveBack(server)
+                return
+            if err is not None:
+                self._giveBack(server)
+                err.severity = "FATAL"
+                self._fatal(err, "startup parameter rejected by the server")
+                return
+            for k in self._wanted:
+                if k in _params.REPORTED:
+                    self.params[k] = server.params.get(k)
+            for k in _params.STARTUP_ONLY:
+                server.params[k] = self.params[k]
+            self._login_pending = False
+            if self.pool.transaction_mode:
+                self._giveBack(server)
+            self._finishLogin()
+
+        if sql:
+            server.run_internal(sql).addCallback(done)
+        else:
+            done(None)
+
+    def _finishLogin(self) -> None:
+        s = self.session
+        pool = self.pool
+        out = []
+        for name, value in pool.server_params.items():
+            if name in self.params and self.params[name] is not None:
+                value = self.params[name]
+            out.append(messages.parameter_status(name, value))
+        self.cancel_key = s.cancel_key = self.service.register_client(self)
+        s.params = self.params
+        out.append(messages.backend_key_data(*self.cancel_key))
+        out.append(messages.ready_for_query(b"I"))
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
+        self.transport.write(b"".join(out))
+        self.dataReceived = self._relayData
+        if self._queued:
+            queued = b"".join(self._queued)
+            self._queued = []
+            self._queued_len = 0
+            self._relayData(queued)
+
+    def _queueData(self, data: bytes) -> None:
+        """Bytes that arrive before login is complete (a pipelining client) wait their turn."""
+        self._queued.append(data)
+        self._queued_len += len(data)
+        if self._queued_len > MAX_QUEUED:
+            self._pauseReading()
+
+    # -- the relay ---------------------------------------------------------------------------
+
+    def _relayData(self, data: bytes) -> None:
+        """
+        Scan message headers and pass the bytes on in bulk to the server (or queue them while a
+        server is being found).
+        """
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        pos = self._remain
+        syncs = 0
+        dirty = self._dirty
+        while pos < n:
+            if n - pos < 5:
+                self._head = data[pos:]
+                data = data[:pos]
+                n = pos
+                break
+            code = data[pos]
+            length = _unpack_len(data, pos + 1)[0]
+            if code in _SYNCS:
+                syncs += 1
+                dirty = False
+            elif code in _EXTENDED:
+                dirty = True
+            elif code == _TERMINATE:
+                data = data[:pos]
+                n = pos
+                self._head = b""
+                self._terminate = True
+                break
+            if length < 4 or length > MAX_MESSAGE:
+                self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "invalid message length %d" % length))
+                return
+            pos += 1 + length
+        self._remain = pos - n if pos > n else 0
+        self._dirty = dirty
+        server = self.server
+        if n:
+            if server is not None:
+                server.pending += syncs
+                server.dirty = dirty
+                server.send(data)
+            else:
+                self._queued.append(data)
+                self._queued_len += n
+                self._queued_syncs += syncs
+                if not self._waiting:
+                    self._waiting = True
+                    self.pool.checkout(self)
+                elif self._queued_len > MAX_QUEUED:
+                    self._pauseReading()
+        if self._terminate:
+            self._closed = True
+            self.transport.loseConnection()
+
+    def serverAssigned(self, server) -> None:
+        """The pool gives us C{server}: bring its parameters in line and send what we queued."""
+        self._waiting = False
+        if self._closed:
+            self._giveBack(server)
+            return
+        self.server = server
+        if self._login_pending:
+            self._loginWithServer(server)
+            return
+        if not self._queued:
+            return
+        out = []
+        if self.params != server.params:
+            out.append(server.prepend_internal(_params.sync_sql(self.params, server.params)))
+            server.params.update(self.params)
+        out.extend(self._queued)
+        self._queued = []
+        self._queued_len = 0
+        server.pending += self._queued_syncs
+        self._queued_syncs = 0
+        server.dirty = self._dirty
+        server.send(b"".join(out) if len(out) > 1 else out[0])
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def serverReleasable(self, server) -> None:
+        """The server answered everything we sent and is idle outside a transaction."""
+        pool = self.pool
+        pool.stats.xact_count += 1
+        if pool.transaction_mode and not self._login_pending:
+            self.server = None
+            if self.transport.producer is not None:
+                self.transport.unregisterProducer()
+            server.detach_producer()
+            pool.checkin(server)
+
+    def serverUnavailable(self, err: errors.PgError) -> None:
+        """No server could be had (connect failed, query_wait_timeout)."""
+        self._waiting = False
+        err.severity = "FATAL"
+        self._fatal(err)
+
+    def serverLost(self, server) -> None:
+        """Our server went away while we held it."""
+        self.server = None
+        self._fatal(errors.PgError(
+            errors.CONNECTION_FAILURE,
+            "server connection lost: the PostgreSQL server closed the connection "
+            "unexpectedly while serving this client",
+            hint="pgdoorman closed this client because its transaction or session on the "
+                 "server is gone; reconnect and retry."),
+            "server %d lost" % server.id)
+
+    def _giveBack(self, server) -> None:
+        """Return a server to the pool after this client, cleaning up what it left."""
+        if server.client is not self and server.client is not None:
+            return
+        if self.server is server:
+            self.server = None
+        server.detach_producer()
+        if server.closing:
+            return
+        if server.pending or server.dirty or self._remain:
+            # Replies are still on their way or a message is half sent: nobody else can use
+            # this connection safely.
+            server.close()
+            self.pool.server_lost(server)
+            return
+        resets = []
+        if server.in_transaction:
+            resets.append("ROLLBACK")
+        if not self.pool.transaction_mode:
+            resets.append("DISCARD ALL")
+        if not resets:
+            self.pool.checkin(server)
+            return
+        server.client = self  # keep it out of the pool until the reset is done
+        pool = self.pool
+
+        def reset(err, remaining):
+            if err is not None or server.closing:
+                server.close()
+                pool.server_lost(server)
+                return
+            if remaining:
+                server.run_internal(remaining[0]).addCallback(reset, remaining[1:])
+                return
+            server.in_transaction = False
+            for k in _params.STARTUP_ONLY:
+                server.params[k] = None
+            pool.checkin(server)
+
+        server.run_internal(resets[0]).addCallback(reset, resets[1:])
+
+    # -- flow control ------------------------------------------------------------------------
+
+    def _backlog(self) -> None:
+        """The client reads slower than the server sends: pause the server until it drains."""
+        server = self.server
+        if server is not None and self.transport.producer is None:
+            self.transport.registerProducer(server.transport, True)
+
+    def _pauseReading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self._closed = True
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self.factory.connections -= 1
+        self.service.unregister_client(self)
+        pool = self.pool
+        if pool is not None:
+            pool.clients -= 1
+            if self._waiting:
+                pool.cancel_wait(self)
+            server = self.server
+            if server is not None:
+                self._giveBack(server)
+        if self.service.config.general.log_client_disconnections and self.session.user:
+            self.log.info("client {peer} ({user}@{db}) disconnected", peer=self.peer,
+                          user=self.session.user, db=self.session.database)
+
+
+class ClientFactory(protocol.Factory):
+    """Accepts clients on the listening port and counts them for max_connections."""
+
+    noisy = False
+
+    def __init__(self, service):
+        self.service = service
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        self.connections += 1
+        p = ClientConnection(self.service)
+        p.factory = self
+        return p

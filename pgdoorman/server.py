@@ -1,0 +1,442 @@
+"""
+The server side: one connection from the pooler to PostgreSQL.
+
+L{ServerConnection} logs in (md5, SCRAM-SHA-256 or cleartext), learns the server's parameters
+and cancel key, and then relays the server's replies to whichever client holds it.  On the way
+it reads only the 5-byte headers, to find where each ReadyForQuery is: that is the moment a
+transaction-mode server goes back to the pool.  Queries the pooler runs itself (parameter
+synchronisation, the session reset) are written ahead of the client's bytes and their replies
+are swallowed here, so they cost no extra round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import deque
+from typing import Dict, Optional
+
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import Logger
+
+from pgdoorman import params as _params
+from pgdoorman.auth import md5 as _md5
+from pgdoorman.auth import scram as _scram
+from pgdoorman.protocol import errors, messages
+from pgdoorman.sendnow import make_sender
+
+_uint32 = struct.Struct("!I")
+_unpack_len = _uint32.unpack_from
+
+_Z = messages.READY_FOR_QUERY
+_S = messages.PARAMETER_STATUS
+_E = messages.ERROR_RESPONSE
+_IDLE = ord("I")
+
+#: Messages whose content the relay must see whole (they are all tiny).
+_INSPECT = frozenset((_Z, _S, _E))
+
+
+class _Internal:
+    """A query the pooler put on the wire itself; its replies never reach a client."""
+
+    __slots__ = ("deferred", "error")
+
+    def __init__(self, deferred: Optional[defer.Deferred]):
+        self.deferred = deferred
+        self.error: Optional[errors.PgError] = None
+
+
+class ServerConnection(protocol.Protocol):
+    """
+    One logged-in connection to PostgreSQL, owned by a L{pgdoorman.pool.Pool}.
+
+    @ivar params: the tracked session parameters as this server has them now (see
+        L{pgdoorman.params}); compared with a client's on checkout.
+    @ivar startup_params: every ParameterStatus the server sent at login, for new clients.
+    @ivar pending: Sync/Query messages the client sent that the server has not yet answered with
+        ReadyForQuery.
+    @ivar dirty: the client sent extended-protocol messages after its last Sync, so the server
+        is in the middle of something even if it said ReadyForQuery idle.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, settings, ready: defer.Deferred):
+        self.pool = pool
+        self.settings = settings
+        self._ready = ready
+        self.client = None
+        self.params: Dict[str, Optional[str]] = {}
+        self.startup_params: Dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.id = pool.service.next_id()
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.pending = 0
+        self.dirty = False
+        self.in_transaction = False
+        self.closing = False
+        self.connected_ok = False
+        self.tls = False
+        self.transactions = 0
+        self._internal: deque = deque()
+        self._head = b""
+        self._remain = 0
+        self._buf = b""
+        self._scram: Optional[_scram.ScramClient] = None
+        self._login_error: Optional[errors.PgError] = None
+        self.send = None
+        self.peer = ""
+
+    # -- connecting and logging in ---------------------------------------------------------
+
+    def connectionMade(self):
+        t = self.transport
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:
+            pass
+        peer = t.getPeer()
+        self.peer = getattr(peer, "host", None) or str(getattr(peer, "name", ""))
+        self.send = make_sender(t, self._backlog)
+        s = self.settings
+        startup = {"user": s.server_username, "database": s.server_database}
+        if s.application_name:
+            startup["application_name"] = s.application_name
+        startup.update(s.startup_parameters or {})
+        self.dataReceived = self._loginData
+        t.write(messages.startup_message(startup))
+
+    def _loginData(self, data: bytes) -> None:
+        try:
+            msgs, self._buf = messages.split_messages(self._buf + data)
+            for code, payload in msgs:
+                if self._loginMessage(code, payload):
+                    return
+        except errors.PgError as e:
+            self._failLogin(e)
+        except Exception as e:
+            self.log.failure("server {peer}: unexpected reply during login", peer=self.peer)
+            self._failLogin(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "unexpected reply from server during login: %s" % e))
+
+    def _loginMessage(self, code: int, payload: bytes) -> bool:
+        """Handle one message during login; True when login is over (either way)."""
+        if code == messages.AUTHENTICATION:
+            self._authenticate(payload)
+        elif code == messages.PARAMETER_STATUS:
+            name, value = messages.parse_parameter_status(payload)
+            self.startup_params[name] = value
+        elif code == messages.BACKEND_KEY_DATA:
+            self.backend_pid, self.backend_secret = struct.unpack("!ii", payload[:8])
+        elif code == _Z:
+            self.params = _params.from_server(self.startup_params)
+            self.connected_ok = True
+            self.dataReceived = self._relayData
+            if self._buf:
+                rest, self._buf = self._buf, b""
+                self._relayData(rest)
+            d, self._ready = self._ready, None
+            d.callback(self)
+            return True
+        elif code == _E:
+            self._failLogin(self._loginFailure(messages.parse_fields(payload)))
+            return True
+        # NoticeResponse and NegotiateProtocolVersion during login need nothing from us.
+        return False
+
+    def _authenticate(self, payload: bytes) -> None:
+        (kind,) = struct.unpack_from("!i", payload)
+        s = self.settings
+        if kind == messages.AUTH_OK:
+            return
+        secret = s.server_password
+        if kind == messages.AUTH_MD5:
+            if secret is None and s.client_password and _is_md5(s.client_password):
+                # The md5 hash is all md5 authentication needs (PgBouncer does the same).
+                secret = s.client_password
+            if secret is None or _is_scram(secret):
+                raise self._noPassword("md5")
+            self.transport.write(messages.password_message(
+                _md5.md5_response(secret, s.server_username, payload[4:8]) + b"\x00"))
+        elif kind == messages.AUTH_SASL:
+            mechanisms = messages.parse_sasl_mechanisms(payload[4:])
+            if _scram.MECHANISM not in mechanisms:
+                raise errors.PgError(errors.FEATURE_NOT_SUPPORTED,
+                                     "server offers no supported SASL mechanism: %s"
+                                     % ", ".join(mechanisms))
+            client_key = None
+            if secret is None or _is_md5(secret) or _is_scram(secret):
+                client_key = self.pool.scram_client_key
+                if client_key is None:
+                    raise self._noPassword("SCRAM-SHA-256")
+                secret = None
+            self._scram = _scram.ScramClient(password=secret, client_key=client_key)
+            self.transport.write(messages.sasl_initial_response(
+                _scram.MECHANISM, self._scram.client_first()))
+        elif kind == messages.AUTH_SASL_CONTINUE:
+            self.transport.write(messages.password_message(
+                self._scram.handle_server_first(payload[4:])))
+        elif kind == messages.AUTH_SASL_FINAL:
+            self._scram.handle_server_final(payload[4:])
+        elif kind == messages.AUTH_CLEARTEXT:
+            if secret is None or _is_md5(secret) or _is_scram(secret):
+                raise self._noPassword("cleartext password")
+            self.transport.write(messages.password_message(secret.encode("utf-8") + b"\x00"))
+        else:
+            raise errors.PgError(errors.FEATURE_NOT_SUPPORTED,
+                                 "server asks for an unsupported authentication method (%d)"
+                                 % kind)
+
+    def _noPassword(self, method: str) -> errors.PgError:
+        s = self.settings
+        return errors.PgError(
+            errors.INVALID_PASSWORD,
+            'pgdoorman cannot log in to PostgreSQL as "%s": the server asks for %s '
+            "authentication and the config has no usable password for it"
+            % (s.server_username, method),
+            hint="The user's password in the config is a hash (md5 or SCRAM), which only "
+                 "serves to check clients: set server_username and server_password for "
+                 "this user in pools.%s.users." % self.pool.database)
+
+    def _loginFailure(self, fields: Dict[str, str]) -> errors.PgError:
+        err = errors.PgError.from_fields(fields)
+        s = self.settings
+        if err.sqlstate == errors.INVALID_PASSWORD and s.server_password is None:
+            err.hint = ("The user's password in the config is a hash and was used to log in "
+                        "to PostgreSQL; set server_username and server_password for this user "
+                        "in pools.%s.users." % self.pool.database)
+        err.text = "server login failed: " + err.text
+        return err
+
+    def _failLogin(self, err: errors.PgError) -> None:
+        self._login_error = err
+        d, self._ready = self._ready, None
+        if d is not None:
+            d.errback(err)
+        self.closing = True
+        self.transport.loseConnection()
+
+    # -- the relay ------------------------------------------------------------------------
+
+    def _relayData(self, data: bytes) -> None:
+        """
+        Forward the server's bytes to the client, watching headers for ReadyForQuery.
+
+        The loop looks at one header per message; only ReadyForQuery, ParameterStatus and
+        ErrorResponse are read further, and only they are held back when a chunk ends inside
+        them.  Replies to the pooler's own queries (at the head of the stream) are dropped.
+        """
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        pos = self._remain
+        client = self.client
+        if pos >= n:
+            self._remain = pos - n
+            if client is not None:
+                client.send(data)
+            return
+        start = 0
+        release = False
+        internal = self._internal
+        while pos < n:
+            if n - pos < 5:
+                self._head = data[pos:]
+                n = pos
+                break
+            code = data[pos]
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            if internal or code in _INSPECT:
+                if end > n:
+                    self._head = data[pos:]
+                    n = pos
+                    break
+                if code == _Z:
+                    if internal:
+                        if pos > start and client is not None:
+                            client.send(data[start:pos])
+                        start = end
+                        self._internalDone(internal.popleft())
+                    else:
+                        self.pending -= 1
+                        self.in_transaction = data[pos + 5] != _IDLE
+                        if self.pending <= 0 and not self.in_transaction and not self.dirty:
+                            self.pending = 0
+                            release = True
+                elif code == _S:
+                    name, value = messages.parse_parameter_status(data[pos + 5:end])
+                    if name in self.params:
+                        self.params[name] = value
+                        if client is not None and not internal:
+                            client.params[name] = value
+                    if internal:
+                        if pos > start and client is not None:
+                            client.send(data[start:pos])
+                        start = end
+                elif internal:
+                    if code == _E:
+                        internal[0].error = errors.PgError.from_fields(
+                            messages.parse_fields(data[pos + 5:end]))
+                    if pos > start and client is not None:
+                        client.send(data[start:pos])
+                    start = end
+            pos = end
+        if pos > n and not self._head:
+            self._remain = pos - n
+        else:
+            self._remain = 0
+        if client is not None:
+            if start < n:
+                client.send(data[start:n] if (start or n != len(data)) else data)
+            if release:
+                client.serverReleasable(self)
+
+    def _internalDone(self, entry: _Internal) -> None:
+        if entry.error is not None:
+            self.log.warn("server {id}: pooler's own query failed: {error}", id=self.id,
+                          error=entry.error)
+        if entry.deferred is not None:
+            entry.deferred.callback(entry.error)
+
+    def prepend_internal(self, sql: str) -> bytes:
+        """
+        Register an internal query whose replies will be swallowed and return its bytes.
+
+        The caller writes them ahead of the client's own messages, in the same send.
+        """
+        self._internal.append(_Internal(None))
+        return messages.query(sql)
+
+    def run_internal(self, sql: str) -> defer.Deferred:
+        """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""
+        d = defer.Deferred()
+        self._internal.append(_Internal(d))
+        self.send(messages.query(sql))
+        return d
+
+    def _backlog(self) -> None:
+        """PostgreSQL reads slower than the client writes (COPY FROM): pause the client."""
+        client = self.client
+        if client is not None and self.transport.producer is None:
+            self.transport.registerProducer(client.transport, True)
+
+    def detach_producer(self) -> None:
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
+
+    # -- cancel and teardown ----------------------------------------------------------------
+
+    def send_cancel(self) -> None:
+        """Ask PostgreSQL to cancel what this connection runs, over a new connection."""
+        s = self.settings
+        f = protocol.ClientFactory()
+        f.noisy = False
+        payload = messages.cancel_request(self.backend_pid, self.backend_secret)
+
+        class _Cancel(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(payload)
+
+        f.protocol = _Cancel
+        connect(s.server_host, s.server_port, f, s.connect_timeout)
+
+    def close(self) -> None:
+        """Terminate politely; the pool hears of it through connectionLost."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.connected_ok:
+            self.transport.write(messages.TERMINATE_MESSAGE)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.closing = True
+        if self._ready is not None:
+            d, self._ready = self._ready, None
+            d.errback(errors.PgError(errors.CONNECTION_FAILURE,
+                                     "server closed the connection during login"))
+        for entry in self._internal:
+            if entry.deferred is not None:
+                entry.deferred.callback(errors.PgError(errors.CONNECTION_FAILURE,
+                                                       "server connection lost"))
+        self._internal.clear()
+        if self.connected_ok:
+            self.pool.server_lost(self)
+            client = self.client
+            if client is not None:
+                self.client = None
+                client.serverLost(self)
+
+
+class ServerConnectionFactory(protocol.ClientFactory):
+    """Makes one L{ServerConnection}; its Deferred fires when the login is done."""
+
+    noisy = False
+
+    def __init__(self, pool, settings):
+        self.pool = pool
+        self.settings = settings
+        self.ready = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        p = ServerConnection(self.pool, self.settings, self.ready)
+        p.factory = self
+        return p
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.ready.called:
+            s = self.settings
+            self.ready.errback(errors.PgError(
+                errors.CANNOT_CONNECT_NOW,
+                "pgdoorman could not connect to server %s:%s: %s"
+                % (s.server_host, s.server_port, reason.getErrorMessage())))
+
+
+def connect(host: str, port: int, factory, timeout: Optional[float]):
+    """Connect over TCP, or over a Unix socket when C{host} is a directory (as libpq does)."""
+    if host.startswith("/"):
+        return reactor.connectUNIX(os.path.join(host, ".s.PGSQL.%d" % port), factory,
+                                   timeout=timeout or 30)
+    return reactor.connectTCP(host, port, factory, timeout=timeout or 30)
+
+
+def connect_server(pool, settings) -> defer.Deferred:
+    """
+    Open and log in one server connection; fires with the L{ServerConnection}.
+
+    The whole login, not only the TCP connect, must finish within connect_timeout.
+    """
+    f = ServerConnectionFactory(pool, settings)
+    connector = connect(settings.server_host, settings.server_port, f, settings.connect_timeout)
+    d = f.ready
+    timeout = settings.connect_timeout
+    if timeout:
+        def expire():
+            if not d.called:
+                connector.disconnect()
+                if not d.called:
+                    d.errback(errors.PgError(
+                        errors.CANNOT_CONNECT_NOW,
+                        "pgdoorman could not log in to server %s:%s within connect_timeout "
+                        "(%gs)" % (settings.server_host, settings.server_port, timeout)))
+        call = reactor.callLater(timeout, expire)
+
+        def done(result):
+            if call.active():
+                call.cancel()
+            return result
+        d.addBoth(done)
+    return d
+
+
+def _is_md5(s: str) -> bool:
+    return len(s) == 35 and s.startswith("md5")
+
+
+def _is_scram(s: str) -> bool:
+    return s.startswith("SCRAM-SHA-256$")

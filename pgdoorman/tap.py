@@ -1,0 +1,45 @@
+"""
+twistd integration: C{twistd pgdoorman -c FILE}.
+
+The plugin in C{twisted/plugins/pgdoorman_plugin.py} only points here, so that importing the
+plugin (twistd does that for every plugin it lists) costs nothing and the options and service
+construction are tested as ordinary code.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+
+from pgdoorman import __version__
+from pgdoorman import config as _config
+
+DEFAULT_CONFIG = "/etc/pgdoorman/pgdoorman.yaml"
+
+
+def default_config_path() -> str:
+    return os.environ.get("CONFIG_FILE") or DEFAULT_CONFIG
+
+
+class Options(usage.Options):
+    synopsis = "[-c CONFIG_FILE]"
+    longdesc = ("Run the pgdoorman PostgreSQL connection pooler. CONFIG_FILE defaults to "
+                "$CONFIG_FILE, then %s." % DEFAULT_CONFIG)
+    optParameters = [["config", "c", None, "Configuration file (.yaml, .yml or .toml)."]]
+
+    def opt_version(self):
+        print("pgdoorman %s" % __version__)
+        raise SystemExit(0)
+
+    def postOptions(self):
+        path = self["config"] or default_config_path()
+        try:
+            self["loaded"] = _config.load(path)
+        except _config.ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def makeService(options):
+    from pgdoorman.service import make_service
+    return make_service(options["loaded"])
