@@ -201,7 +201,7 @@ def pool_entry(pg, users, mode="transaction", database=None, **kw):
 
 
 def make_config(pools, **general):
-    gen = {"host": "127.0.0.1", "port": 0, "admin_username": "admin",
+    gen = {"host": "127.0.0.1", "port": 6432, "admin_username": "admin",
            "admin_password": "admin", "query_wait_timeout": "5s", "connect_timeout": "3s"}
     gen.update(general)
     return {"general": gen, "pools": pools}

@@ -345,12 +345,14 @@ def pgbench(d, db, args, timeout=120):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("db, protocol, script", [
-    ("db2", "simple", []), ("db2", "extended", []), ("db2", "extended", ["-S"]),
-    ("db2s", "prepared", []),
+@pytest.mark.parametrize("db, clients, protocol, script", [
+    ("db2", 8, "simple", []), ("db2", 8, "extended", []), ("db2", 8, "extended", ["-S"]),
+    # session mode: one server per client, so no more clients than pool_size (4)
+    ("db2s", 4, "prepared", []),
 ])
-def test_pgbench(d, bench_db, db, protocol, script):
-    out = pgbench(d, db, ["-c", "8", "-j", "2", "-t", "100", "-M", protocol] + script)
+def test_pgbench(d, bench_db, db, clients, protocol, script):
+    out = pgbench(d, db, ["-c", str(clients), "-j", "2", "-t", str(800 // clients),
+                          "-M", protocol] + script)
     assert out.returncode == 0, out.stdout
     assert "number of transactions actually processed: 800/800" in out.stdout, out.stdout
     m = re.search(r"number of failed transactions: (\d+)", out.stdout)
