@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: venv run test bench lint clean
+.PHONY: venv run test test-deps bench lint clean
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ venv: $(VENV)/.stamp
 run: venv
 	$(PY) tools/demo.py
 
-test: venv
+# Drivers for tests/test_prepared_drivers.py (apt, npm, pip; needs root for apt-get).
+test-deps: venv
+	sh tools/test-deps.sh $(VENV)
+
+test: venv test-deps
 	$(PY) -m pytest -q tests
 
 bench: venv
