@@ -345,30 +345,41 @@ def ratio(a, b):
 
 
 def table(results, targets):
-    poolers = [t for t in targets if t.startswith("pgdoorman")]
-    cols = ["script", "mode", "clients"]
-    cols += ["%s TPS" % t for t in targets]
-    for p in poolers:
-        if "pgbouncer" in targets:
-            cols.append("%s/pgbouncer" % p)
-        if "direct" in targets:
-            cols.append("%s/direct" % p)
-    cpu_targets = [t for t in targets if t != "direct"]
-    cols += ["%s µs/tx" % t for t in cpu_targets]
-    cols.append("errors")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    """Columns: the TPS, ratios and µs/tx of direct/pgbouncer/pgdoorman, then PyPy's group."""
+    base = [t for t in targets if t != "pgdoorman-pypy"]
+    groups = [base] + ([["pgdoorman-pypy"]] if "pgdoorman-pypy" in targets else [])
+    cols, getters = ["script", "mode", "clients"], []
+
+    def add(name, get):
+        cols.append(name)
+        getters.append(get)
+
+    def tps(t):
+        return lambda r: fmt(r.get(t, {}).get("tps"), ".0f")
+
+    def rel(t, ref):
+        return lambda r: fmt(ratio(r[t].get("tps"), r[ref].get("tps")), ".2f")
+
+    def cpu(t):
+        return lambda r: fmt(r.get(t, {}).get("cpu_us_per_tx"), ".1f")
+
+    for group in groups:
+        for t in group:
+            add("%s TPS" % t, tps(t))
+        for t in group:
+            if t.startswith("pgdoorman"):
+                for ref in ("pgbouncer", "direct"):
+                    if ref in targets:
+                        add("%s/%s" % (t, ref), rel(t, ref))
+        for t in group:
+            if t != "direct":
+                add("%s µs/tx" % t, cpu(t))
+    lines = ["| " + " | ".join(cols + ["errors"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for row in results:
         r = row["runs"]
-        cells = [row["script"], row["mode"], str(row["clients"])]
-        cells += [fmt(r.get(t, {}).get("tps"), ".0f") for t in targets]
-        for p in poolers:
-            if "pgbouncer" in targets:
-                cells.append(fmt(ratio(r[p].get("tps"), r["pgbouncer"].get("tps")), ".2f"))
-            if "direct" in targets:
-                cells.append(fmt(ratio(r[p].get("tps"), r["direct"].get("tps")), ".2f"))
-        cells += [fmt(r.get(t, {}).get("cpu_us_per_tx"), ".1f") for t in cpu_targets]
-        errs = ["%s: %s" % (t, r[t]["errors"]) for t in targets if r.get(t, {}).get("errors")]
-        cells.append("; ".join(errs) or "")
+        cells = [row["script"], row["mode"], str(row["clients"])] + [g(r) for g in getters]
+        cells.append("; ".join("%s: %s" % (t, r[t]["errors"]) for t in targets
+                               if r.get(t, {}).get("errors")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
