@@ -21,13 +21,15 @@ from twisted.internet import protocol, reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
+from pgdoorman import prepared as _prepared
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
 from pgdoorman.sendnow import make_sender
 from pgdoorman.session import ClientSession
 
-_unpack_len = struct.Struct("!I").unpack_from
+_uint32 = struct.Struct("!I")
+_unpack_len = _uint32.unpack_from
 _int32 = struct.Struct("!i")
 
 # Frontend codes by what they mean for the server's state.
@@ -35,6 +37,17 @@ _SYNCS = frozenset((messages.SYNC, messages.QUERY, messages.FUNCTION_CALL))
 _EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.EXECUTE, messages.DESCRIBE,
                        messages.CLOSE, messages.FLUSH))
 _TERMINATE = messages.TERMINATE
+_QUERY = messages.QUERY
+_PARSE = messages.PARSE
+_BIND = messages.BIND
+_CLOSE = messages.CLOSE
+_STATEMENT_MESSAGES = frozenset((messages.PARSE, messages.BIND, messages.DESCRIBE,
+                                 messages.CLOSE))
+_KIND_STATEMENT = ord("S")
+#: First bytes of a simple query that may be DEALLOCATE or DISCARD.
+_SQL_STATEMENT_FIRST = frozenset(b"dD \t\r\n")
+_BEGIN_REPLY = messages.command_complete("BEGIN") + messages.ready_for_query(b"T")
+_IDLE_REPLY = messages.ready_for_query(b"I")
 
 #: Virtual databases of the admin console.
 ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
@@ -91,7 +104,6 @@ class ClientConnection(protocol.Protocol):
         self._dirty = False
         self._queued: List[bytes] = []
         self._queued_len = 0
-        self._queued_syncs = 0
         self._waiting = False
         self._login_pending = False
         self._wanted: Dict[str, str] = {}
@@ -101,6 +113,13 @@ class ClientConnection(protocol.Protocol):
         self._paused = False
         self._terminate = False
         self.pool_key_hint = None
+        #: client statement name -> L{prepared.Statement}, in transaction mode.
+        self.prepared: Dict[bytes, _prepared.Statement] = {}
+        #: a lone BEGIN answered without a server, sent ahead of the next query.
+        self._deferred_begin: Optional[bytes] = None
+        #: transaction mode with prepared statements: statement messages are rewritten.
+        self._ps = False
+        self._tx = False
 
     # -- connection ------------------------------------------------------------------------
 
@@ -324,6 +343,8 @@ class ClientConnection(protocol.Protocol):
         if key is not None and pool.scram_client_key is None:
             pool.scram_client_key = key
         pool.clients += 1
+        self._tx = pool.transaction_mode
+        self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
         wanted: Dict[str, str] = {}
         startup = dict(s.startup)
         startup.update(_params.parse_options(startup.get("options", "")))
@@ -426,9 +447,54 @@ class ClientConnection(protocol.Protocol):
 
     def _relayData(self, data: bytes) -> None:
         """
-        Scan message headers and pass the bytes on in bulk to the server (or queue them while a
-        server is being found).
+        Bytes from a logged-in client: to its server, or queued while the pool finds one.
+
+        Without a server, a lone BEGIN (and the COMMIT/ROLLBACK right after it) is answered
+        here, taking no server at all: deferred BEGIN.
         """
+        if self.server is not None:
+            self._process(data)
+            return
+        if self._waiting:
+            self._queued.append(data)
+            self._queued_len += len(data)
+            if self._queued_len > MAX_QUEUED:
+                self._pauseReading()
+            return
+        if self._tx and data[0] == _QUERY and not self._head and not self._remain and \
+                len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
+            return
+        self._queued.append(data)
+        self._queued_len = len(data)
+        self._waiting = True
+        self.pool.checkout(self)
+
+    def _answerAlone(self, data: bytes) -> bool:
+        """Answer a lone BEGIN, or COMMIT/ROLLBACK after one, without a server."""
+        query = data[5:-1]
+        if self._deferred_begin is None:
+            if not _prepared.is_begin(query):
+                return False
+            self._deferred_begin = data
+            self.send(_BEGIN_REPLY)
+            return True
+        tag = _prepared.end_tag(query)
+        if tag is None:
+            return False
+        self._deferred_begin = None
+        self.send(messages.message(b"C", tag + b"\x00") + _IDLE_REPLY)
+        return True
+
+    def _process(self, data: bytes, out: Optional[list] = None) -> None:
+        """
+        Scan message headers and send the bytes on in bulk to C{self.server}.
+
+        In transaction mode with prepared statements on, Parse/Bind/Describe/Close are
+        rewritten to the server-side statement names (L{pgdoorman.prepared}) and every message
+        that PostgreSQL answers with ParseComplete, CloseComplete or ReadyForQuery leaves an
+        entry on the server's C{expect} queue.
+        """
+        server = self.server
         if self._head:
             data = self._head + data
             self._head = b""
@@ -436,53 +502,175 @@ class ClientConnection(protocol.Protocol):
         pos = self._remain
         syncs = 0
         dirty = self._dirty
+        ps = self._ps
+        expect = server.expect
+        start = 0
         while pos < n:
             if n - pos < 5:
                 self._head = data[pos:]
-                data = data[:pos]
                 n = pos
                 break
             code = data[pos]
             length = _unpack_len(data, pos + 1)[0]
-            if code in _SYNCS:
-                syncs += 1
-                dirty = False
-            elif code in _EXTENDED:
-                dirty = True
-            elif code == _TERMINATE:
-                data = data[:pos]
-                n = pos
-                self._head = b""
-                self._terminate = True
-                break
             if length < 4 or length > MAX_MESSAGE:
                 self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
                                            "invalid message length %d" % length))
                 return
-            pos += 1 + length
+            end = pos + 1 + length
+            if code in _SYNCS:
+                syncs += 1
+                dirty = False
+                if ps:
+                    if code == _QUERY and data[pos + 5] in _SQL_STATEMENT_FIRST:
+                        if end > n:
+                            self._head = data[pos:]
+                            n = pos
+                            syncs -= 1
+                            break
+                        replacement = self._statementQuery(server, data[pos + 5:end - 1],
+                                                           expect)
+                        if replacement is not None:
+                            if out is None:
+                                out = []
+                            if pos > start:
+                                out.append(data[start:pos])
+                            out.append(replacement)
+                            start = end
+                    expect.append(_prepared.SYNC_ENTRY)
+            elif code in _EXTENDED:
+                dirty = True
+                if ps and code in _STATEMENT_MESSAGES:
+                    if end > n:
+                        self._head = data[pos:]
+                        n = pos
+                        break
+                    replacement = self._rewrite(code, data, pos, end, server, expect)
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        if pos > start:
+                            out.append(data[start:pos])
+                        out.append(replacement)
+                        start = end
+            elif code == _TERMINATE:
+                n = pos
+                self._head = b""
+                self._terminate = True
+                break
+            pos = end
         self._remain = pos - n if pos > n else 0
         self._dirty = dirty
-        server = self.server
-        if n:
-            if server is not None:
-                server.pending += syncs
-                server.dirty = dirty
-                server.send(data)
-            else:
-                self._queued.append(data)
-                self._queued_len += n
-                self._queued_syncs += syncs
-                if not self._waiting:
-                    self._waiting = True
-                    self.pool.checkout(self)
-                elif self._queued_len > MAX_QUEUED:
-                    self._pauseReading()
+        server.pending += syncs
+        server.dirty = dirty
+        if out:
+            if start < n:
+                out.append(data[start:n])
+            server.send(b"".join(out))
+        elif n:
+            server.send(data if n == len(data) else data[:n])
         if self._terminate:
             self._closed = True
             self.transport.loseConnection()
 
+    def _rewrite(self, code: int, data: bytes, pos: int, end: int, server, expect):
+        """
+        Rename statements in one Parse/Bind/Describe/Close; None means send it unchanged.
+        """
+        if code == _PARSE:
+            nul = data.index(b"\x00", pos + 5, end)
+            if nul == pos + 5:
+                expect.append(_prepared.FORWARD_ENTRY)  # the unnamed statement: as is
+                return None
+            name = data[pos + 5:nul]
+            if name in self.prepared:
+                # PostgreSQL: 42P05, and the rest of the pipeline is skipped up to Sync.
+                expect.append((_prepared.FAKE_ERROR, _prepared.already_exists(name)))
+                return _prepared.PARSE_FAILING
+            stmt = self.pool.statements.get(data[nul + 1:end])
+            self.prepared[name] = stmt
+            if stmt.name in server.statements:
+                self.pool.statements.hits += 1
+                expect.append(_prepared.AS_PARSE_ENTRY)
+                return _prepared.CLOSE_NOTHING
+            self.pool.statements.misses += 1
+            prefix = self._remember(server, stmt, expect)
+            expect.append((_prepared.PARSED, self, name, stmt.name))
+            return prefix + stmt.parse if prefix else stmt.parse
+        if code == _BIND:
+            s_start = data.index(b"\x00", pos + 5, end) + 1
+            if data[s_start] == 0:
+                return None  # the unnamed statement
+            s_end = data.index(b"\x00", s_start, end)
+            stmt = self.prepared.get(data[s_start:s_end])
+            if stmt is None:
+                return None  # unknown to us: PostgreSQL reports it in its own words
+            prefix = self._ensure(server, stmt, expect)
+            payload = data[pos + 5:s_start] + stmt.name + data[s_end:end]
+            bind = b"B" + _uint32.pack(len(payload) + 4) + payload
+            return prefix + bind if prefix else bind
+        kind = data[pos + 5]
+        if code == _CLOSE:
+            expect.append(_prepared.FORWARD_ENTRY)
+            if kind == _KIND_STATEMENT:
+                # Forget the client's name; the server's copy stays for others.  PostgreSQL
+                # answers a Close of a name it does not have with CloseComplete too.
+                self.prepared.pop(data[pos + 6:end - 1], None)
+            return None
+        # Describe
+        if kind != _KIND_STATEMENT or end - pos == 7:
+            return None
+        stmt = self.prepared.get(data[pos + 6:end - 1])
+        if stmt is None:
+            return None
+        prefix = self._ensure(server, stmt, expect)
+        describe = messages.message(b"D", b"S" + stmt.name + b"\x00")
+        return prefix + describe if prefix else describe
+
+    def _ensure(self, server, stmt, expect) -> bytes:
+        """Bytes to put first so that C{server} holds C{stmt}: an injected Parse, or nothing."""
+        if stmt.name in server.statements:
+            return b""
+        self.pool.statements.misses += 1
+        prefix = self._remember(server, stmt, expect)
+        expect.append((_prepared.SWALLOW, stmt.name))
+        return prefix + stmt.parse if prefix else stmt.parse
+
+    def _remember(self, server, stmt, expect) -> bytes:
+        """Note that C{server} will hold C{stmt}; Close what the LRU evicts to make room."""
+        evicted = server.statements.add(stmt.name)
+        if evicted is None:
+            return b""
+        self.pool.statements.evictions += 1
+        expect.append((_prepared.SWALLOW, None))
+        return _prepared.close_statement(evicted)
+
+    def _statementQuery(self, server, query: bytes, expect) -> Optional[bytes]:
+        """
+        SQL DEALLOCATE and DISCARD ALL act on the client's own statement names; returns the
+        Query to send instead, or None to send it as is.
+        """
+        target = _prepared.parse_deallocate(query)
+        if target is True or (target is None and _prepared.is_discard_all(query)):
+            # Sent as is, it drops every statement on this server: forget them all.
+            self.prepared.clear()
+            server.statements.clear()
+            return None
+        if target is None:
+            return None
+        stmt = self.prepared.pop(target, None)
+        if stmt is None:
+            return None  # PostgreSQL says it does not exist, in its own words
+        # Deallocate the server's copy under its own name (it will be re-Parsed on demand):
+        # the client sees the same CommandComplete and ReadyForQuery as without a pooler.
+        prefix = self._ensure(server, stmt, expect)
+        server.statements.discard(stmt.name)
+        return prefix + messages.query("DEALLOCATE " + stmt.name.decode())
+
     def serverAssigned(self, server) -> None:
-        """The pool gives us C{server}: bring its parameters in line and send what we queued."""
+        """
+        The pool gives us C{server}: bring its parameters in line, replay a deferred BEGIN,
+        then send what we queued, all in one write.
+        """
         self._waiting = False
         if self._closed:
             self._giveBack(server)
@@ -491,19 +679,19 @@ class ClientConnection(protocol.Protocol):
         if self._login_pending:
             self._loginWithServer(server)
             return
-        if not self._queued:
-            return
-        out = []
+        out = None
         if self.params != server.params:
-            out.append(server.prepend_internal(_params.sync_sql(self.params, server.params)))
+            out = [server.prepend_internal(_params.sync_sql(self.params, server.params))]
             server.params.update(self.params)
-        out.extend(self._queued)
+        if self._deferred_begin is not None:
+            if out is None:
+                out = []
+            out.append(server.prepend_internal_message(self._deferred_begin))
+            self._deferred_begin = None
+        queued = self._queued
         self._queued = []
         self._queued_len = 0
-        server.pending += self._queued_syncs
-        self._queued_syncs = 0
-        server.dirty = self._dirty
-        server.send(b"".join(out) if len(out) > 1 else out[0])
+        self._process(queued[0] if len(queued) == 1 else b"".join(queued), out)
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()

@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
 from pgdoorman.server import connect_server
 
@@ -75,6 +76,8 @@ class Pool:
         self.stats = PoolStats()
         self.clients = 0
         self.transaction_mode = settings.pool_mode == "transaction"
+        #: the pool's one copy of each prepared statement text (transaction mode).
+        self.statements = StatementCache(settings.prepared_statements_cache_size or 0)
 
     # -- clients asking for and giving back servers -----------------------------------------
 

@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
+from pgdoorman import prepared as _prepared
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
@@ -35,7 +36,13 @@ _E = messages.ERROR_RESPONSE
 _IDLE = ord("I")
 
 #: Messages whose content the relay must see whole (they are all tiny).
-_INSPECT = frozenset((_Z, _S, _E))
+_INSPECT = frozenset((_Z, _S, _E, ord("1"), ord("3")))
+_SYNC = _prepared.SYNC
+_SWALLOW = _prepared.SWALLOW
+_AS_PARSE = _prepared.AS_PARSE
+_PARSED = _prepared.PARSED
+_FAKE_ERROR = _prepared.FAKE_ERROR
+_PARSE_COMPLETE = _prepared.PARSE_COMPLETE
 
 
 class _Internal:
@@ -83,6 +90,11 @@ class ServerConnection(protocol.Protocol):
         self.tls = False
         self.transactions = 0
         self._internal: deque = deque()
+        #: replies owed for Parse/Close/Sync messages sent (see L{pgdoorman.prepared}).
+        self.expect: deque = deque()
+        #: statements this connection holds, by server-side name, least recently used first.
+        self.statements = _prepared.ServerStatements(
+            settings.server_prepared_statements_cache_size or 0)
         self._head = b""
         self._remain = 0
         self._buf = b""
@@ -226,9 +238,11 @@ class ServerConnection(protocol.Protocol):
         """
         Forward the server's bytes to the client, watching headers for ReadyForQuery.
 
-        The loop looks at one header per message; only ReadyForQuery, ParameterStatus and
-        ErrorResponse are read further, and only they are held back when a chunk ends inside
-        them.  Replies to the pooler's own queries (at the head of the stream) are dropped.
+        The loop looks at one header per message; only ReadyForQuery, ParameterStatus,
+        ErrorResponse, ParseComplete and CloseComplete are read further, and only they are held
+        back when a chunk ends inside them (they are all small).  Replies to the pooler's own
+        queries (at the head of the stream) are dropped; ParseComplete/CloseComplete follow the
+        C{expect} queue of L{pgdoorman.prepared}.
         """
         if self._head:
             data = self._head + data
@@ -244,6 +258,8 @@ class ServerConnection(protocol.Protocol):
         start = 0
         release = False
         internal = self._internal
+        expect = self.expect
+        out = None
         while pos < n:
             if n - pos < 5:
                 self._head = data[pos:]
@@ -256,34 +272,45 @@ class ServerConnection(protocol.Protocol):
                     self._head = data[pos:]
                     n = pos
                     break
-                if code == _Z:
-                    if internal:
-                        if pos > start and client is not None:
-                            client.send(data[start:pos])
-                        start = end
-                        self._internalDone(internal.popleft())
-                    else:
-                        self.pending -= 1
-                        self.in_transaction = data[pos + 5] != _IDLE
-                        if self.pending <= 0 and not self.in_transaction and not self.dirty:
-                            self.pending = 0
-                            release = True
-                elif code == _S:
-                    name, value = messages.parse_parameter_status(data[pos + 5:end])
-                    if name in self.params:
-                        self.params[name] = value
-                        if client is not None and not internal:
-                            client.params[name] = value
-                    if internal:
-                        if pos > start and client is not None:
-                            client.send(data[start:pos])
-                        start = end
-                elif internal:
-                    if code == _E:
-                        internal[0].error = errors.PgError.from_fields(
+                replace = None
+                if internal:
+                    entry = internal[0]
+                    if code == _Z:
+                        internal.popleft()
+                        self._internalDone(entry)
+                    elif code == _E:
+                        entry.error = errors.PgError.from_fields(
                             messages.parse_fields(data[pos + 5:end]))
-                    if pos > start and client is not None:
-                        client.send(data[start:pos])
+                    elif code == _S:
+                        self._parameterStatus(data, pos, end, None)
+                    replace = b""
+                elif code == _Z:
+                    if expect:
+                        while expect and expect.popleft()[0] != _SYNC:
+                            pass
+                    self.pending -= 1
+                    self.in_transaction = data[pos + 5] != _IDLE
+                    if self.pending <= 0 and not self.in_transaction and not self.dirty:
+                        self.pending = 0
+                        release = True
+                elif code == _S:
+                    self._parameterStatus(data, pos, end, client)
+                elif code == _E:
+                    if expect:
+                        replace = self._expectError(data, pos, end, expect)
+                elif expect:  # ParseComplete or CloseComplete
+                    kind = expect.popleft()[0]
+                    if kind == _SWALLOW:
+                        replace = b""
+                    elif kind == _AS_PARSE:
+                        replace = _PARSE_COMPLETE
+                if replace is not None:
+                    if out is None:
+                        out = []
+                    if pos > start:
+                        out.append(data[start:pos])
+                    if replace:
+                        out.append(replace)
                     start = end
             pos = end
         if pos > n and not self._head:
@@ -291,10 +318,53 @@ class ServerConnection(protocol.Protocol):
         else:
             self._remain = 0
         if client is not None:
-            if start < n:
-                client.send(data[start:n] if (start or n != len(data)) else data)
+            if out is not None:
+                if start < n:
+                    out.append(data[start:n])
+                if out:
+                    client.send(b"".join(out))
+            elif n:
+                client.send(data if n == len(data) else data[:n])
             if release:
                 client.serverReleasable(self)
+
+    def _parameterStatus(self, data: bytes, pos: int, end: int, client) -> None:
+        name, value = messages.parse_parameter_status(data[pos + 5:end])
+        if name in self.params:
+            self.params[name] = value
+            if client is not None:
+                client.params[name] = value
+
+    def _expectError(self, data: bytes, pos: int, end: int, expect) -> Optional[bytes]:
+        """
+        An ErrorResponse while statement messages are in flight: PostgreSQL now skips to the
+        next Sync, so the replies expected before it will never come.  Returns the bytes to
+        send instead of the error, or None to send it as is.
+        """
+        head = expect[0]
+        kind = head[0]
+        replace = None
+        if kind == _FAKE_ERROR:
+            replace = head[1]
+        elif kind == _PARSED:
+            # The client's Parse failed: neither it nor this server has the statement.
+            client, name, sname = head[1], head[2], head[3]
+            stmt = client.prepared.get(name)
+            if stmt is not None and stmt.name == sname:
+                del client.prepared[name]
+            self.statements.discard(sname)
+        elif kind == _SWALLOW and head[1] is not None:
+            self.statements.discard(head[1])
+        while expect and expect[0][0] != _SYNC:
+            expect.popleft()
+        if replace is None and _prepared.PREFIX in data[pos:end] and self.client is not None:
+            # Speak of the client's statement names, never of ours.
+            msg = data[pos + 5:end]
+            for cname, stmt in self.client.prepared.items():
+                if stmt.name in msg:
+                    msg = msg.replace(stmt.name, cname)
+            replace = b"E" + _uint32.pack(len(msg) + 4) + msg
+        return replace
 
     def _internalDone(self, entry: _Internal) -> None:
         if entry.error is not None:
@@ -311,6 +381,11 @@ class ServerConnection(protocol.Protocol):
         """
         self._internal.append(_Internal(None))
         return messages.query(sql)
+
+    def prepend_internal_message(self, message: bytes) -> bytes:
+        """Like L{prepend_internal} for a ready-made Query message (a deferred BEGIN)."""
+        self._internal.append(_Internal(None))
+        return message
 
     def run_internal(self, sql: str) -> defer.Deferred:
         """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""

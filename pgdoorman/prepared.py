@@ -1,0 +1,194 @@
+"""
+Transparent prepared statements in transaction mode.
+
+A client's named statement lives on whichever server connection ran its Parse, yet its next
+transaction may land elsewhere.  So the pooler keeps, per client, the client's names and the
+statements behind them, and renames each statement on the wire to a server-side name derived
+from a hash (xxhash3) of its query text and parameter types: C{DOORMAN_<16 hex digits>}.  Every
+client that prepares the same text shares the server-side copy.  Each server connection keeps
+an LRU of the names it holds; a Bind or Describe for a statement the server lacks is preceded by
+an injected Parse, and what the LRU evicts is Closed on the server.
+
+The replies must reach the client exactly as PostgreSQL would have sent them, in order, even
+though the pooler added and changed messages.  Only ParseComplete and CloseComplete replies are
+affected, so the server side keeps one queue of L{Expect} entries, one per Parse, Close and
+Sync-like message sent (see L{pgdoorman.server}): each ParseComplete/CloseComplete pops one and
+is forwarded, swallowed or turned into a ParseComplete; an ErrorResponse drops the entries up
+to the next Sync, because PostgreSQL skips those messages after an error.  When the server
+already holds a statement the client Parses, the pooler sends a Close of a name nobody has
+instead: PostgreSQL answers CloseComplete at exactly the position the ParseComplete belongs,
+and the server side rewrites it.  No positions are computed by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import xxhash
+
+from pgdoorman.protocol import messages
+
+_uint32 = struct.Struct("!I")
+
+#: Server-side names carry this prefix; the client never sees them (errors are rewritten).
+PREFIX = b"DOORMAN_"
+
+# Expect entry kinds (first element of each entry tuple).
+FORWARD = 0       # a reply the client expects: pass it on
+SYNC = 1          # ReadyForQuery of a Sync/Query/FunctionCall
+SWALLOW = 2       # reply to a message the pooler added; (SWALLOW, server_name or None)
+AS_PARSE = 3      # CloseComplete standing in for the ParseComplete of a skipped Parse
+PARSED = 4        # (PARSED, client, client_name, server_name): undo both maps on error
+FAKE_ERROR = 5    # (FAKE_ERROR, error bytes): replace the server's error with this one
+
+FORWARD_ENTRY = (FORWARD,)
+SYNC_ENTRY = (SYNC,)
+AS_PARSE_ENTRY = (AS_PARSE,)
+
+PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+#: Close of a statement no server has: PostgreSQL answers CloseComplete and does nothing else.
+CLOSE_NOTHING = messages.message(b"C", b"S" + PREFIX + b"NONE\x00")
+#: A Parse that always fails without creating anything, to make PostgreSQL enter the error
+#: state (skip to Sync, abort the implicit transaction) exactly where the client's would.
+PARSE_FAILING = messages.message(b"P", PREFIX + b"ERROR\x00DOORMAN_ERROR\x00\x00\x00")
+
+
+class Statement:
+    """One prepared statement: its server-side name and the Parse payload after the name."""
+
+    __slots__ = ("name", "body", "parse")
+
+    def __init__(self, name: bytes, body: bytes):
+        self.name = name
+        self.body = body
+        #: The whole Parse message under the server-side name, built once.
+        self.parse = b"P" + _uint32.pack(len(name) + 1 + len(body) + 4) + name + b"\x00" + body
+
+    @property
+    def query(self) -> str:
+        return self.body[:self.body.index(b"\x00")].decode("utf-8", "replace")
+
+
+def server_name(body: bytes) -> bytes:
+    """The server-side name for a statement: a hash of its query text and parameter types."""
+    return b"%s%016x" % (PREFIX, xxhash.xxh3_64_intdigest(body))
+
+
+class StatementCache:
+    """
+    The pool's one copy of each statement text, shared by its clients, bounded in size.
+
+    Clients keep references to their own statements, so dropping an entry here only stops
+    new clients from sharing that copy; nothing breaks.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.statements: Dict[bytes, Statement] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, body: bytes) -> Statement:
+        name = server_name(body)
+        stmt = self.statements.get(name)
+        if stmt is None:
+            stmt = self.statements[name] = Statement(name, body)
+            if self.size and len(self.statements) > self.size:
+                del self.statements[next(iter(self.statements))]
+        return stmt
+
+
+class ServerStatements:
+    """The statements one server connection holds, least recently used first."""
+
+    __slots__ = ("names", "size")
+
+    def __init__(self, size: int):
+        self.names: "OrderedDict[bytes, None]" = OrderedDict()
+        self.size = size
+
+    def __contains__(self, name: bytes) -> bool:
+        if name in self.names:
+            self.names.move_to_end(name)
+            return True
+        return False
+
+    def add(self, name: bytes) -> Optional[bytes]:
+        """Remember C{name}; return the name evicted to make room, if any."""
+        self.names[name] = None
+        if self.size and len(self.names) > self.size:
+            return self.names.popitem(last=False)[0]
+        return None
+
+    def discard(self, name: bytes) -> None:
+        self.names.pop(name, None)
+
+    def clear(self) -> None:
+        self.names.clear()
+
+
+def close_statement(name: bytes) -> bytes:
+    return messages.message(b"C", b"S" + name + b"\x00")
+
+
+def already_exists(name: bytes) -> bytes:
+    return messages.error_response(
+        "ERROR", "42P05", 'prepared statement "%s" already exists'
+        % name.decode("utf-8", "replace"))
+
+
+_DEALLOCATE = re.compile(
+    rb'^\s*deallocate\s+(?:prepare\s+)?(all|"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)\s*;?\s*$',
+    re.IGNORECASE)
+_DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE)
+
+
+def parse_deallocate(query: bytes):
+    """
+    For a simple query C{DEALLOCATE [PREPARE] name|ALL} return the client's statement name
+    (as it would be stored by a protocol-level Parse) or C{True} for ALL; C{None} otherwise.
+    """
+    m = _DEALLOCATE.match(query)
+    if m is None:
+        return None
+    name = m.group(1)
+    if name.lower() == b"all":
+        return True
+    if name.startswith(b'"'):
+        return name[1:-1].replace(b'""', b'"')
+    return name.lower()  # unquoted identifiers fold to lower case
+
+
+def is_discard_all(query: bytes) -> bool:
+    return _DISCARD_ALL.match(query) is not None
+
+
+# -- deferred BEGIN ---------------------------------------------------------------------------
+
+_BEGIN = re.compile(
+    rb"^\s*(?:begin(?:\s+(?:work|transaction))?|start\s+transaction)"
+    rb"(?:\s*,?\s*(?:isolation\s+level\s+(?:serializable|repeatable\s+read|read\s+committed"
+    rb"|read\s+uncommitted)|read\s+(?:write|only)|(?:not\s+)?deferrable))*\s*;?\s*$",
+    re.IGNORECASE)
+_COMMIT = re.compile(rb"^\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*$",
+                     re.IGNORECASE)
+_ROLLBACK = re.compile(rb"^\s*(?:rollback|abort)(?:\s+(?:work|transaction))?\s*;?\s*$",
+                       re.IGNORECASE)
+
+
+def is_begin(query: bytes) -> bool:
+    """A standalone BEGIN/START TRANSACTION with only valid transaction modes."""
+    return _BEGIN.match(query) is not None
+
+
+def end_tag(query: bytes) -> Optional[bytes]:
+    """b"COMMIT" or b"ROLLBACK" for a standalone transaction end, else None."""
+    if _COMMIT.match(query):
+        return b"COMMIT"
+    if _ROLLBACK.match(query):
+        return b"ROLLBACK"
+    return None
