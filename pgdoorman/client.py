@@ -46,7 +46,7 @@ _STATEMENT_MESSAGES = frozenset((messages.PARSE, messages.BIND, messages.DESCRIB
 _KIND_STATEMENT = ord("S")
 #: First bytes of a simple query that may be DEALLOCATE or DISCARD.
 _SQL_STATEMENT_FIRST = frozenset(b"dD \t\r\n")
-_BEGIN_REPLY = messages.command_complete("BEGIN") + messages.ready_for_query(b"T")
+_IN_TRANSACTION_REPLY = messages.ready_for_query(b"T")
 _IDLE_REPLY = messages.ready_for_query(b"I")
 
 #: Virtual databases of the admin console.
@@ -473,10 +473,11 @@ class ClientConnection(protocol.Protocol):
         """Answer a lone BEGIN, or COMMIT/ROLLBACK after one, without a server."""
         query = data[5:-1]
         if self._deferred_begin is None:
-            if not _prepared.is_begin(query):
+            tag = _prepared.begin_tag(query)
+            if tag is None:
                 return False
             self._deferred_begin = data
-            self.send(_BEGIN_REPLY)
+            self.send(messages.message(b"C", tag + b"\x00") + _IN_TRANSACTION_REPLY)
             return True
         tag = _prepared.end_tag(query)
         if tag is None:
@@ -664,7 +665,7 @@ class ClientConnection(protocol.Protocol):
         # the client sees the same CommandComplete and ReadyForQuery as without a pooler.
         prefix = self._ensure(server, stmt, expect)
         server.statements.discard(stmt.name)
-        return prefix + messages.query("DEALLOCATE " + stmt.name.decode())
+        return prefix + messages.query('DEALLOCATE "%s"' % stmt.name.decode())
 
     def serverAssigned(self, server) -> None:
         """

@@ -180,9 +180,14 @@ _ROLLBACK = re.compile(rb"^\s*(?:rollback|abort)(?:\s+(?:work|transaction))?\s*;
                        re.IGNORECASE)
 
 
-def is_begin(query: bytes) -> bool:
-    """A standalone BEGIN/START TRANSACTION with only valid transaction modes."""
-    return _BEGIN.match(query) is not None
+def begin_tag(query: bytes) -> Optional[bytes]:
+    """
+    The CommandComplete tag of a standalone BEGIN/START TRANSACTION with only valid
+    transaction modes, or None for any other query.
+    """
+    if _BEGIN.match(query) is None:
+        return None
+    return b"START TRANSACTION" if query.lstrip()[:1] in b"sS" else b"BEGIN"
 
 
 def end_tag(query: bytes) -> Optional[bytes]:
