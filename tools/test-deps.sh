@@ -51,9 +51,9 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import asyncpg, pg8000, psycopg, pytest, sqlalchemy, sys
+if ! "$VENV/bin/python" -c 'import asyncpg, greenlet, pg8000, psycopg, pytest, sqlalchemy, sys
 sys.exit(int(sqlalchemy.__version__.split(".")[0]) < 2)' 2>/dev/null; then
     echo "test-deps: pip install the Python drivers into $VENV"
-    "$VENV/bin/python" -m pip install -q asyncpg pg8000 'sqlalchemy>=2' 'psycopg[binary]' pytest
+    "$VENV/bin/python" -m pip install -q asyncpg pg8000 'sqlalchemy[asyncio]>=2' 'psycopg[binary]' pytest
 fi
 echo "test-deps: ok"
