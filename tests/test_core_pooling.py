@@ -335,3 +335,23 @@ def test_max_connections(pg, pgdoorman, new_user):
     finally:
         for c in conns:
             c.close()
+
+
+def test_pool_level_idle_timeout_overrides_general(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, pool_size=2, general={"idle_timeout": "1h"},
+              pool={"idle_timeout": "1s"})
+    with d.connect(user, "db1", pw) as conn:
+        conn.execute("SELECT 1")
+        assert pg.count_backends(user) == 1
+        wait_until(lambda: pg.count_backends(user) == 0, 15, message="idle server closed")
+
+
+def test_user_level_server_lifetime_overrides_general(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, pool_size=1, general={"server_lifetime": "1h"},
+              server_lifetime="1s")
+    with d.connect(user, "db1", pw) as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        wait_until(lambda: conn.execute("SELECT pg_backend_pid()").fetchone()[0] != first,
+                   15, interval=0.5, message="server replaced after its lifetime")
