@@ -40,6 +40,18 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
 
 
-def makeService(options):
+def build_service(config):
+    """
+    The pooler's service (L{pgdoorman.service.make_service}) with a L{systemd.Notifier} as its
+    last child, so that under systemd C{READY=1} goes out once the listener has bound its port.
+    Both twistd and the C{pgdoorman} command run this.
+    """
+    from pgdoorman import systemd
     from pgdoorman.service import make_service
-    return make_service(options["loaded"])
+    svc = make_service(config)
+    systemd.Notifier(svc.pools).setServiceParent(svc)
+    return svc
+
+
+def makeService(options):
+    return build_service(options["loaded"])
