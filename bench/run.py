@@ -283,9 +283,29 @@ pools:
     return svc
 
 
+def check_login(svc):
+    """One query through the pooler; a pooler that listens but cannot log in is not started."""
+    argv = [os.path.join(PG_BIN, "psql"), "-X", "-A", "-t", "-h", "127.0.0.1",
+            "-p", str(svc.port), "-U", BENCH_USER, "-d", BENCH_DB, "-c", "SELECT 1"]
+    env = dict(os.environ, PGPASSWORD=BENCH_PASSWORD, PGSSLMODE="disable",
+               PGCONNECT_TIMEOUT="15")
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                           timeout=20)
+        ok, out = p.returncode == 0 and p.stdout.strip() == b"1", p.stdout.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        ok, out = False, "(psql hung for 20 s)"
+    if not ok:
+        raise BenchError("%s listens on port %d but 'SELECT 1' through it as %s failed:\n%s\n%s"
+                         % (svc.name, svc.port, BENCH_USER, out.strip(), tail(svc.logfile)))
+
+
 # -- pgbench ------------------------------------------------------------------------------------
 
-def run_pgbench(port, script, mode, clients, duration, timeout_extra=120):
+def run_pgbench(port, script, mode, clients, duration, timeout_extra=None):
+    # -T ends the run; only connection set-up and stuck clients take longer.
+    if timeout_extra is None:
+        timeout_extra = 30 + clients * 0.1
     argv = [PGBENCH, "-n", "-h", "127.0.0.1", "-p", str(port), "-U", BENCH_USER,
             "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration)]
     if script == "select":
@@ -300,8 +320,9 @@ def run_pgbench(port, script, mode, clients, duration, timeout_extra=120):
             p.returncode
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace")
-        err = (e.stderr or b"").decode(errors="replace") + "\n(pgbench timed out)"
-        rc = -1
+        err = (e.stderr or b"").decode(errors="replace") + \
+            "\npgbench killed after %.0f s" % (duration + timeout_extra)
+        rc = "timeout"
     return parse_pgbench(out, err, rc)
 
 
@@ -322,7 +343,9 @@ def parse_pgbench(out, err, rc):
         errors.append("%d failed tx" % res["failed"])
     if res["aborted_clients"]:
         errors.append("%d clients aborted" % res["aborted_clients"])
-    if rc != 0:
+    if rc == "timeout":
+        errors.append("pgbench hung, killed")
+    elif rc != 0:
         errors.append("exit %s" % rc)
     if res["tps"] is None:
         errors.append("no tps")
@@ -486,6 +509,7 @@ def main(argv=None):
                                                          workdir, cluster.port, client_pw,
                                                          args.pool_size)
         for name, svc in services.items():
+            check_login(svc)
             ports[name] = svc.port
             log("%s on port %d (pid %d)" % (name, svc.port, svc.pid))
 
@@ -493,7 +517,11 @@ def main(argv=None):
             log("warm-up: %d s of -S per target and mode" % args.warmup)
             for mode in args.modes:
                 for t in args.targets:
-                    run_pgbench(ports[t], "select", mode, 10, args.warmup)
+                    res = run_pgbench(ports[t], "select", mode, 10, args.warmup)
+                    if res["errors"]:
+                        log("warm-up %s -M %s: %s" % (t, mode, res["errors"]))
+                        if res.get("stderr"):
+                            log("    " + res["stderr"].replace("\n", "\n    "))
             for svc in services.values():
                 svc.check_alive()
 
