@@ -144,6 +144,14 @@ class _Metrics(_Leaf):
         return generate_latest(self.registry)
 
 
+def _not_found() -> resource.Resource:
+    try:
+        from twisted.web.pages import notFound
+    except ImportError:  # Twisted before 22.10
+        return resource.NoResource()
+    return notFound()
+
+
 class APIRoot(resource.Resource):
     """The resource tree: C{/}, C{/update_clusters}, C{/status}, C{/metrics}."""
 
@@ -156,7 +164,7 @@ class APIRoot(resource.Resource):
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         child = self._children.get(path)
         if child is None or request.postpath:
-            return resource.NoResource()
+            return _not_found()
         return child
 
     def render_GET(self, request: Any) -> bytes:
