@@ -29,3 +29,18 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+# Packages (issue 8): each installs its own build dependencies with apt-get when missing.
+.PHONY: docs deb rpm test-packages
+docs: venv
+	$(PY) -m pgdoorman generate --reference --markdown > docs/configuration.md
+
+deb:
+	sh packaging/build-deb.sh
+
+rpm:
+	sh packaging/build-rpm.sh
+
+# The slow proof: build the .deb, install it into a fresh debootstrap'ed Debian 12, run it.
+test-packages: venv
+	PGDOORMAN_PACKAGE_TESTS=1 $(PY) -m pytest -q tests/test_packaging.py
