@@ -516,3 +516,20 @@ def test_api_root_status_metrics_update():
     assert req.responseCode == 503 and b"HTTP 500" in b"".join(req.written)
     metrics = b"".join(render(root, "/metrics").written).decode()
     assert 'patroni_proxy_update_errors_total{cluster="main"} 1.0' in metrics
+
+
+def test_failover_counted_across_a_document_without_leader():
+    clock = MemoryReactorClock()
+    w = ClusterWatcher(clock, cluster_config({"master": port(["leader"], name="master")}), 1.0,
+                       client_factory=FakeClient)
+    doc = json.loads(PATRONI_30)
+    no_leader = json.loads(PATRONI_30)
+    no_leader["members"][0]["role"] = "replica"
+    new_leader = json.loads(PATRONI_30)
+    new_leader["members"][0]["role"] = "replica"
+    new_leader["members"][2]["role"] = "leader"
+    w.client.answers = [parse_cluster(json.dumps(d).encode())
+                        for d in (doc, no_leader, new_leader, new_leader)]
+    for _ in range(4):
+        w.update()
+    assert w.failovers_total == 1 and w.last_leader == "n3"

@@ -411,6 +411,9 @@ class PatroniCluster:
 
 
 if __name__ == "__main__":
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _stop)  # background jobs of a shell ignore SIGINT
     c = PatroniCluster()
     t0 = time.monotonic()
     try:

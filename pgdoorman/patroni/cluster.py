@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -283,6 +284,7 @@ class PatroniClient:
         if agent is None:
             from twisted.web.client import Agent, HTTPConnectionPool
             pool = HTTPConnectionPool(reactor, persistent=False)
+            pool._factory = _QuietHTTP11ClientFactory  # no log line per poll and host
             kw = {"pool": pool, "connectTimeout": timeout}
             if tls is not None:
                 kw["contextFactory"] = TLSPolicy(tls)
@@ -291,12 +293,11 @@ class PatroniClient:
 
     def fetch_one(self, host: str) -> defer.Deferred:
         """C{GET host/cluster} → L{ClusterState}; fails with a one-line reason."""
-        from twisted.web.client import readBody
         from twisted.web.http_headers import Headers
         url = host + "/cluster"
 
         def got_response(response: Any) -> defer.Deferred:
-            body = readBody(response)
+            body = _read_body(response)
             if response.code != 200:
                 def bad_code(data: bytes) -> None:
                     raise MalformedCluster("HTTP %d" % (response.code,))
@@ -346,6 +347,71 @@ class PatroniClient:
         for host, d in list(pending.items()):
             d.addCallbacks(ok, failed, callbackArgs=(host,), errbackArgs=(host,))
         return result
+
+
+#: The largest /cluster answer read; Patroni's are a few hundred bytes per member.
+MAX_BODY = 1024 * 1024
+
+
+class _BodyReader(Protocol):
+    """
+    Collect a response body, like twisted.web.client.readBody but safe to cancel (readBody's
+    protocol fires its Deferred a second time when the aborted connection is lost) and
+    bounded by L{MAX_BODY}.
+
+    Patroni's REST API (Python's http.server) sends neither Content-Length nor chunks and
+    ends the body by closing; Twisted reports that as PotentialDataLoss, which is the normal
+    end here.  A truncated document fails JSON parsing anyway.
+    """
+
+    def __init__(self, deferred: defer.Deferred) -> None:
+        self.deferred = deferred
+        self.chunks: List[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            if not self.deferred.called:
+                self.deferred.errback(MalformedCluster("answer larger than %d bytes"
+                                                       % (MAX_BODY,)))
+            self.transport.abortConnection()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+        if self.deferred.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.deferred.callback(b"".join(self.chunks))
+        else:
+            self.deferred.errback(reason)
+
+
+def _read_body(response: Any) -> defer.Deferred:
+    protocol: Optional[_BodyReader] = None
+
+    def cancel(d: defer.Deferred) -> None:
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    d: defer.Deferred = defer.Deferred(cancel)
+    protocol = _BodyReader(d)
+    response.deliverBody(protocol)
+    return d
+
+
+try:
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+        noisy = False
+except ImportError:  # pragma: no cover - a Twisted without the private class: stay noisy
+    from twisted.web.client import HTTPConnectionPool as _Pool
+    _QuietHTTP11ClientFactory = _Pool._factory  # type: ignore[misc]
 
 
 def _describe_failure(failure: Failure, timeout: float) -> str:

@@ -306,6 +306,7 @@ class ClusterWatcher(service.Service):
         self.update_errors_total = 0
         self.updates_total = 0
         self.failovers_total = 0
+        self.last_leader: Optional[str] = None
         self.closed_total = 0
         self._loop: Optional[LoopingCall] = None
         self._in_flight: Optional[defer.Deferred] = None
@@ -387,12 +388,15 @@ class ClusterWatcher(service.Service):
 
     def _got_state(self, state: ClusterState) -> None:
         old = self.state
-        old_leader = old.leader.name if old is not None and old.leader is not None else None
+        # A switchover or failover often shows a document with no leader in between: compare
+        # with the last leader seen, not the last document's.
         new_leader = state.leader.name if state.leader is not None else None
-        if old_leader is not None and new_leader is not None and old_leader != new_leader:
-            self.failovers_total += 1
-            self.log.warn("{cluster}: leader changed from {old} to {new}",
-                          cluster=self.config.name, old=old_leader, new=new_leader)
+        if new_leader is not None:
+            if self.last_leader is not None and new_leader != self.last_leader:
+                self.failovers_total += 1
+                self.log.warn("{cluster}: leader changed from {old} to {new}",
+                              cluster=self.config.name, old=self.last_leader, new=new_leader)
+            self.last_leader = new_leader
         if old is None or _summary(old) != _summary(state):
             self.log.info("{cluster}: members {members} (from {source})",
                           cluster=self.config.name, members=_summary(state),
