@@ -120,6 +120,9 @@ class ClientConnection(protocol.Protocol):
         #: transaction mode with prepared statements: statement messages are rewritten.
         self._ps = False
         self._tx = False
+        #: Sync/Query/FunctionCall messages and bytes received from this client, for the stats.
+        self.query_count = 0
+        self.client_bytes = 0
 
     # -- connection ------------------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class ClientConnection(protocol.Protocol):
         """Send an error to the client and close; log it once."""
         if self._closed:
             return
+        self.service.count_error(err)
         self.log.info("client {peer} ({user}@{db}): {error}{why}", peer=self.peer,
                       user=self.session.user or "-", db=self.session.database or "-",
                       error=err, why=" (%s)" % why if why else "")
@@ -231,9 +235,16 @@ class ClientConnection(protocol.Protocol):
             self.log.info("client {peer} connecting as {user} to {db}", peer=self.peer,
                           user=user, db=database)
         if database in ADMIN_DATABASES:
-            self._fatal(errors.PgError(errors.FEATURE_NOT_SUPPORTED,
-                                       "the admin console is not available in this version "
-                                       "of pgdoorman"))
+            general = self.service.config.general
+            if user != general.admin_username:
+                self._fatal(errors.PgError(
+                    errors.INVALID_AUTHORIZATION,
+                    'user "%s" is not allowed to use the admin console "%s" (only the user set '
+                    "in general.admin_username is)" % (user, database)), "not the admin user")
+                return
+            self._startAuth(general.admin_password)  # then _authenticated hands over to admin
+            if rest:
+                self.dataReceived(rest)
             return
         pcfg = self.service.config.pools.get(database)
         if pcfg is None:
@@ -337,6 +348,10 @@ class ClientConnection(protocol.Protocol):
         """The client proved who it is: join the pool and learn the server's parameters."""
         s = self.session
         self.transport.write(messages.authentication_ok())
+        if s.database in ADMIN_DATABASES:
+            from pgdoorman.admin import AdminSession
+            AdminSession(self)
+            return
         self.dataReceived = self._queueData
         pool = self.pool = self.service.get_pool(s.database, s.user)
         key = self.pool_key_hint
@@ -496,6 +511,7 @@ class ClientConnection(protocol.Protocol):
         entry on the server's C{expect} queue.
         """
         server = self.server
+        self.client_bytes += len(data)
         if self._head:
             data = self._head + data
             self._head = b""
@@ -562,6 +578,7 @@ class ClientConnection(protocol.Protocol):
         self._remain = pos - n if pos > n else 0
         self._dirty = dirty
         server.pending += syncs
+        self.query_count += syncs
         server.dirty = dirty
         if out:
             if start < n:

@@ -89,6 +89,12 @@ class ServerConnection(protocol.Protocol):
         self.connected_ok = False
         self.tls = False
         self.transactions = 0
+        #: bytes relayed from PostgreSQL to clients (read by the pool's stats, never reset).
+        self.server_bytes = 0
+        #: when the current client got this server (pool checkout), 0.0 when idle.
+        self.assigned_at = 0.0
+        #: RECONNECT or a reload asked to close this server when its client is done.
+        self.close_needed = False
         self._internal: deque = deque()
         #: replies owed for Parse/Close/Sync messages sent (see L{pgdoorman.prepared}).
         self.expect: deque = deque()
@@ -244,6 +250,7 @@ class ServerConnection(protocol.Protocol):
         queries (at the head of the stream) are dropped; ParseComplete/CloseComplete follow the
         C{expect} queue of L{pgdoorman.prepared}.
         """
+        self.server_bytes += len(data)
         if self._head:
             data = self._head + data
             self._head = b""

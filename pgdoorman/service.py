@@ -1,22 +1,53 @@
 """
-Putting the pooler together: the pool service and the listening port under one MultiService.
+Putting the pooler together: the pool service, the listening port and the metrics endpoint
+under one MultiService.
 
 twistd (through the plugin) and the C{pgdoorman} command both build the same service here, so
-the two ways of running behave the same.
+the two ways of running behave the same: SIGHUP (and the admin console's RELOAD) re-reads the
+config file and reopens log files, SHUTDOWN drains and exits.
 """
 
 from __future__ import annotations
 
+import signal
+from typing import Tuple
+
 from twisted.application import internet, service
+from twisted.internet import defer, reactor
+from twisted.logger import Logger
 
 from pgdoorman.client import ClientFactory
 from pgdoorman.pool import PoolService
 
 
+def _notify(*lines: str) -> None:
+    """Tell systemd (C{Type=notify-reload}) about a reload, when pgdoorman.systemd exists."""
+    try:
+        from pgdoorman import systemd
+    except ImportError:
+        return
+    try:
+        systemd.notify(*lines)
+    except Exception:
+        pass
+
+
+def _monotonic_usec() -> str:
+    try:
+        from pgdoorman import systemd
+        return systemd.monotonic_usec()
+    except Exception:
+        import time
+        return "MONOTONIC_USEC=%d" % int(time.monotonic() * 1e6)
+
+
 class PgDoormanService(service.MultiService):
     """
-    The whole pooler.  C{pools} holds the shared pools; C{factory} accepts clients.
+    The whole pooler.  C{pools} holds the shared pools; C{factory} accepts clients;
+    C{metrics} serves /metrics when C{prometheus.enabled}.
     """
+
+    log = Logger()
 
     def __init__(self, config):
         service.MultiService.__init__(self)
@@ -28,7 +59,170 @@ class PgDoormanService(service.MultiService):
         self.listener = internet.TCPServer(g.port, self.factory, backlog=g.backlog or 1024,
                                            interface=g.host)
         self.listener.setServiceParent(self)
+        self.metrics = None
+        if config.prometheus.enabled:
+            from pgdoorman.metrics import make_metrics_service
+            self.metrics = make_metrics_service(self.pools, config.prometheus)
+            self.metrics.setServiceParent(self)
+        self.shutting_down = False
+        self._old_sighup = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def startService(self):
+        service.MultiService.startService(self)
+        try:
+            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        except (ValueError, OSError, AttributeError):
+            pass  # not the main thread, or no SIGHUP on this platform
+
+    def stopService(self):
+        if self._old_sighup is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._old_sighup)
+            except (ValueError, OSError):
+                pass
+            self._old_sighup = None
+        return service.MultiService.stopService(self)
+
+    def _sighup(self, signum, frame) -> None:
+        reactor.callFromThread(self._reloadFromSignal)
+
+    def _reloadFromSignal(self) -> None:
+        self.log.info("SIGHUP received: reopening log files and reloading {path}",
+                      path=self.config.path)
+        reopen_logs()
+        self.reload_config()
+
+    # -- reload -------------------------------------------------------------------------------
+
+    def reload_config(self) -> Tuple[bool, str]:
+        """
+        Re-read the config file and apply it (L{PoolService.reload}).  An invalid file is
+        logged and the running configuration stays; returns (ok, error message).
+        """
+        from pgdoorman import config as _config
+        path = self.config.path
+        _notify("RELOADING=1", _monotonic_usec())
+        try:
+            try:
+                new = _config.load(path)
+            except _config.ConfigError as e:
+                self.log.error("reload failed, keeping the running configuration: {error}",
+                               error=str(e))
+                return False, str(e)
+            except OSError as e:
+                self.log.error("reload failed, keeping the running configuration: {path}: "
+                               "{error}", path=path, error=e.strerror)
+                return False, "%s: %s" % (path, e.strerror)
+            self._warnRestartOnly(new)
+            self.config = new
+            report = self.pools.reload(new)
+            self.log.info("configuration reloaded from {path}: added {added}, changed "
+                          "{changed}, replaced {replaced}, removed {removed}", path=path,
+                          **{k: ", ".join(v) or "-" for k, v in report.items()})
+            return True, ""
+        finally:
+            _notify("READY=1", "STATUS=configuration reloaded")
+
+    def _warnRestartOnly(self, new) -> None:
+        old = self.config
+        for key in ("host", "port", "backlog"):
+            if getattr(old.general, key) != getattr(new.general, key):
+                self.log.warn("general.{key} changed in the config file: it takes effect at "
+                              "the next restart", key=key)
+        if old.prometheus != new.prometheus:
+            self.log.warn("the prometheus section changed: it takes effect at the next restart")
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def shutdown(self) -> defer.Deferred:
+        """
+        The admin console's SHUTDOWN: stop accepting clients, let running transactions finish
+        (a PAUSE of everything), then stop the reactor; after general.shutdown_timeout it stops
+        anyway.
+        """
+        if self.shutting_down:
+            return defer.succeed(None)
+        self.shutting_down = True
+        _notify("STOPPING=1")
+        self.log.info("shutting down: no new clients, waiting for transactions to finish")
+        d = defer.maybeDeferred(self.listener.stopService)
+        paused = self.pools.pause(None)
+        timeout = self.config.general.shutdown_timeout or 0
+        timer = None
+
+        def expire():
+            if not paused.called:
+                self.log.warn("shutdown_timeout ({t}s) reached with transactions still "
+                              "running: stopping anyway", t=timeout)
+                paused.callback(None)
+
+        if timeout:
+            timer = reactor.callLater(timeout, expire)
+
+        def stop(_):
+            if timer is not None and timer.active():
+                timer.cancel()
+            # Let the admin client's last answer go out first.
+            reactor.callLater(0.05, _stopReactor)
+
+        paused.addBoth(stop)
+        d.addErrback(lambda f: None)
+        return paused
+
+
+def _stopReactor() -> None:
+    try:
+        reactor.stop()
+    except Exception:
+        pass
+
+
+def reopen_logs() -> None:
+    """Reopen log files after logrotate: pgdoorman's own (L{pgdoorman.logs}) and twistd's."""
+    try:
+        from pgdoorman import logs
+        logs.reopen()
+    except Exception:
+        pass
+    try:
+        from twisted.logger import globalLogPublisher
+        for observer in _walkObservers(globalLogPublisher):
+            out = getattr(observer, "_outFile", None)
+            reopen = getattr(out, "reopen", None)
+            if reopen is not None and hasattr(out, "path"):
+                reopen()
+    except Exception:
+        pass
+
+
+def _walkObservers(observer, depth: int = 0):
+    if depth > 4 or observer is None:
+        return
+    yield observer
+    for child in getattr(observer, "_observers", ()) or ():
+        yield from _walkObservers(child, depth + 1)
+    yield from _walkObservers(getattr(observer, "_observer", None), depth + 1)
+
+
+def set_log_level(name: str) -> None:
+    """The admin console's SET log_level; raises ValueError for an unknown level."""
+    from pgdoorman import logs
+    logs.set_level(name)
+
+
+def get_log_level() -> str:
+    try:
+        from pgdoorman import logs
+        return logs.get_level()
+    except Exception:
+        return "info"
 
 
 def make_service(config) -> PgDoormanService:
     return PgDoormanService(config)
+
+
+__all__ = ["PgDoormanService", "make_service", "reopen_logs", "set_log_level",
+           "get_log_level"]
