@@ -125,15 +125,18 @@ def test_raw_cancel_with_the_right_keys(pg, pgdoorman):
     c = RawClient(d.port).startup(USER, "db1", PW)
     try:
         pid, key = c.backend_key
-        job = Background(lambda: c.query("SELECT pg_sleep(10)"))
-        time.sleep(0.5)
-        send_cancel(d.port, pid, key)
-        err = job.error(8)
-        assert getattr(err, "sqlstate", None) == "57014", repr(err)
         # A cancel with the right pid but a wrong key does nothing.
         job = Background(lambda: c.query("SELECT pg_sleep(1), 'fine'"))
         time.sleep(0.3)
         send_cancel(d.port, pid, key ^ 0x5A5A5A5A)
         assert job.result(10) == [("", "fine")]
+        # The right keys cancel.
+        job = Background(lambda: c.query("SELECT pg_sleep(10)"))
+        time.sleep(0.5)
+        send_cancel(d.port, pid, key)
+        err = job.error(8)
+        assert getattr(err, "sqlstate", None) == "57014", repr(err)
+        assert job.elapsed < 3
+        assert c.query("SELECT 'after'") == [("after",)]
     finally:
         c.terminate()
