@@ -336,7 +336,10 @@ def test_ready_and_status_under_systemd(pg, pgdoorman, notify_socket):
 
 
 def test_twistd_sends_ready(pg, pgdoorman, notify_socket):
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    bindir = os.path.dirname(sys.executable)
+    # Debian's python3-twisted calls it twistd3.
+    twistd = next((p for p in (os.path.join(bindir, "twistd"), os.path.join(bindir, "twistd3"))
+                   if os.path.exists(p)), "twistd")
     pgdoorman(simple_config(pg, "u_scram", "scram-secret"),
               argv=[twistd, "-n", "pgdoorman", "-c", "{config}"])
     _messages(notify_socket, lambda m: "READY=1" in m)
