@@ -9,6 +9,7 @@ who holds which role instead of assuming it.  The proxy's host list also holds t
 APIs (one answers HTTP 500, one accepts and never answers) ahead of the real ones: routing must
 not notice them.
 
+PATRONI_PROXY_PYTHON=.venv-pypy/bin/python runs the proxy itself on PyPy.
 Needs tools/patroni-deps.sh; without it every test fails saying so (nothing is skipped).
 About 70-90 s in all, most of it the cluster starting and healing after each failover.
 """
@@ -36,6 +37,8 @@ import patronicluster  # noqa: E402
 INTERVAL = 1.0          # cluster_update_interval of the proxy under test
 MARGIN = 4.0            # seconds allowed beyond one interval for Patroni and PostgreSQL
 FRESH_LAG = 4 * 1024 * 1024   # max_lag_in_bytes of the "fresh" replica port
+# The interpreter running patroni_proxy (e.g. .venv-pypy/bin/python to test it on PyPy).
+PROXY_PYTHON = os.environ.get("PATRONI_PROXY_PYTHON") or sys.executable
 
 
 def free_port():
@@ -71,12 +74,18 @@ class _Error500(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # the proxy cancels requests it no longer needs: resets are expected
+
+
 class BrokenAPIs:
     """An HTTP server answering 500, and a socket that accepts and never answers."""
 
     def __init__(self):
-        self.e500 = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Error500)
-        self.e500.daemon_threads = True
+        self.e500 = _QuietServer(("127.0.0.1", 0), _Error500)
         threading.Thread(target=self.e500.serve_forever, daemon=True).start()
         self.silent = socket.socket()
         self.silent.bind(("127.0.0.1", 0))
@@ -152,7 +161,7 @@ class Proxy:
         }
         self.write()
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pgdoorman.patroni.cli", self.path],
+        self.proc = subprocess.Popen([PROXY_PYTHON, "-m", "pgdoorman.patroni.cli", self.path],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
         try:
