@@ -156,3 +156,24 @@ def test_histogram_quantiles():
     h.observe(5.0)
     assert h.cumulative()[-1] == ("+Inf", 101)
     assert h.count == 101 and abs(h.sum - (0.045 + 0.5 + 5.0)) < 1e-9
+
+
+def test_dashboard_reads_exported_metrics(metered):
+    """Every pg_doorman_* series the Grafana dashboard queries is one /metrics exports."""
+    import json
+    import os
+    d, port, user, password = metered
+    with d.connect(user, "db1", password) as conn:
+        conn.execute("SELECT 1")
+    _, text = scrape(port)
+    exported = set(re.findall(r"^([a-z_]+)(?:\{| )", text, re.M))
+    for name in re.findall(r"^# TYPE (\w+) \w+$", text, re.M):
+        exported.add(name)  # families without samples yet (no errors so far)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "packaging", "grafana", "pgdoorman-dashboard.json")
+    with open(path) as f:
+        dashboard = f.read()
+    json.loads(dashboard)
+    wanted = set(re.findall(r"\b((?:pg_doorman|process)_[a-z_]+)", dashboard))
+    assert wanted, "no metrics in the dashboard?"
+    assert wanted <= exported, sorted(wanted - exported)
