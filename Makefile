@@ -17,9 +17,11 @@ venv: $(VENV)/.stamp
 run: venv
 	$(PY) tools/demo.py
 
-# Drivers for tests/test_prepared_drivers.py (apt, npm, pip; needs root for apt-get).
+# Drivers for tests/test_prepared_drivers.py and Patroni/etcd for the patroni_proxy tests
+# (apt, npm, pip; needs root for apt-get).
 test-deps: venv
 	sh tools/test-deps.sh $(VENV)
+	sh tools/patroni-deps.sh
 
 test: venv test-deps
 	$(PY) -m pytest -q tests
