@@ -286,7 +286,7 @@ h1 { font-size: 1.3em; margin: 0 0 .3em 0; }
 table { border-collapse: collapse; background: #fff; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: right; }
 th { background: #eef; }
-td:first-child, td:nth-child(2), td:nth-child(3) { text-align: left; }
+td:nth-child(-n+3), th:nth-child(-n+3) { text-align: left; }
 .warn { background: #fdd; font-weight: bold; }
 .bar { display: inline-block; width: 60px; height: 8px; background: #eee; margin-right: 4px; }
 .bar div { height: 8px; background: #47a; }
