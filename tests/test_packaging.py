@@ -303,7 +303,8 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
     port = free_port()
     cfg = simple_config(pg, "u_scram", "scram-secret", general={"port": port})
     text = write_config(tmp_path, cfg)
-    config_path = env["CONFIG_FILE"]
+    config_path = env["CONFIG_FILE"]  # the conffile itself: keep the packaged one aside
+    shutil.copy2(root.file(config_path), str(tmp_path / "packaged.yaml"))
     shutil.copy(text, root.file(config_path))
     os.chmod(root.file(config_path), 0o644)
     exec_start = unit["ExecStart"].replace("${CONFIG_FILE}", config_path)
@@ -344,7 +345,7 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
             proc.kill()
         notify.close()
     assert proc.returncode == 0, log_path.read_text()
-    os.unlink(root.file(config_path))  # test file: not the package's
+    shutil.copy2(str(tmp_path / "packaged.yaml"), root.file(config_path))
 
     # remove keeps the conffile, purge removes it and everything postinst made.
     root.run("apt-get remove -y -q pgdoorman")
