@@ -11,9 +11,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from conftest import (REPO, doorman_env, make_config, pool_entry, psql, run_check,
+from conftest import (doorman_env, make_config, pool_entry, psql, run_check,
                       simple_config, user_entry, wait_port, write_config)
 from pgcluster import free_port
 
