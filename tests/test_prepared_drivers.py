@@ -10,13 +10,17 @@ the role's backends in pg_stat_activity, and the distinct pg_backend_pid() the c
 at most pool_size).
 
   - psycopg 3: prepare_threshold=0, executemany, pipeline mode, an error in a pipeline,
-    execute(prepare=True)
+    execute(prepare=True); plus two small ones: an idle client after a pipeline block (Sync
+    then Flush) does not keep its server, and a Parse that PostgreSQL skipped after an error in
+    a pipeline is not taken for a prepared statement afterwards
   - asyncpg: its statement cache, prepare(), executemany, a cursor in a transaction
   - SQLAlchemy 2 on asyncpg: Core and ORM
-  - pg8000: pg8000.native prepare() (and Close then re-prepare under the same name)
+  - pg8000: pg8000.native prepare() (and Close then re-prepare under the same name); and its
+    run() with parameters outside transactions (the unnamed statement across three Syncs)
   - node-postgres named queries, postgres.js, pgjdbc prepareThreshold=1 + executeBatch, Go pgx v4
     (statement cache, Prepare, SendBatch): tests/drivers/
-  - pgbench -M prepared -c 50 with pool_size 5
+  - pgbench -M prepared -c 50 -j 2 with pool_size 5 (TPC-B statements, one transaction each:
+    see TPCB_AUTOCOMMIT for why not BEGIN ... END)
 
 What they need is installed by tools/test-deps.sh (make test-deps); a missing tool is a failure,
 never a skip.
@@ -39,7 +43,7 @@ import threading
 
 import pytest
 
-from conftest import DIRECT, PGBENCH, BackendSampler, simple_config
+from conftest import DIRECT, PGBENCH, Background, BackendSampler, simple_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVERS = os.path.join(REPO, "tests", "drivers")
@@ -113,7 +117,7 @@ def make_table(pg, name, db=DB):
     return name
 
 
-def run_threads(fn, clients=CLIENTS, timeout=150):
+def run_threads(fn, clients=CLIENTS, timeout=90):
     """Run C{fn(client_id, barrier)} in C{clients} threads; return the error strings."""
     errors = []
     barrier = threading.Barrier(clients, timeout=60)
@@ -180,7 +184,7 @@ def psycopg_pipeline_error(psycopg, conn, cid, i):
     assert conn.execute(fresh, (3,)).fetchone() == (cid * 100000 + i + 3,)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_psycopg3_prepared_pipeline(pg, pgdoorman, new_user):
     psycopg = need_module("psycopg")
     user, pw = new_user()
@@ -250,9 +254,82 @@ def test_psycopg3_prepared_pipeline(pg, pgdoorman, new_user):
     check_shared(peak, pids, d)
 
 
+@pytest.mark.timeout(60)
+def test_psycopg3_pipeline_releases_the_server(pg, pgdoorman, new_user):
+    """
+    psycopg ends every pipeline block with Sync then Flush: once the Sync is answered the
+    server is idle, so an idle client must not keep it (here: pool_size 1, a second client).
+    """
+    psycopg = need_module("psycopg")
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, clients=2, pool_size=1)
+    dsn = d.dsn(user, DB, pw)
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as a:
+        with a.pipeline():
+            c1 = a.execute(ADD, (1, 2))
+            c2 = a.execute(CONCAT, ("a", "b"))
+        assert (c1.fetchone(), c2.fetchone()) == ((3,), ("ab",))
+
+        def other():
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as b:
+                return b.execute(ADD, (3, 4)).fetchone()
+
+        other_client = Background(other)
+        try:
+            got = other_client.result(timeout=10)
+        except Exception as e:
+            pytest.fail("a second client got no server while the first sat idle after a "
+                        "pipeline block: %s: %s\n-- pgdoorman stderr (tail):\n%s"
+                        % (type(e).__name__, e, log_tail(d)))
+        assert got == (7,)
+        assert a.execute(ADD, (5, 6)).fetchone() == (11,)
+
+
+@pytest.mark.timeout(90)
+def test_psycopg3_statement_skipped_after_pipeline_error_prepares_later(pg, pgdoorman,
+                                                                        new_user):
+    """
+    PostgreSQL skips everything after an error up to the next Sync, a first Parse included:
+    that statement does not exist anywhere, so the next Parse of the same text (by this or
+    any other client of the pool) must really prepare it.  pool_size 1: one server for all.
+    """
+    psycopg = need_module("psycopg")
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, clients=2, pool_size=1)
+    dsn = d.dsn(user, DB, pw)
+    failures = []
+    for k in range(15):
+        fresh = "SELECT %%s::int + %d" % (1000 + k)
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as a:
+            raised = False
+            with a.pipeline() as p:
+                try:
+                    a.execute(DIV, (0,))
+                    a.execute(fresh, (1,))  # skipped by PostgreSQL
+                    p.sync()
+                except psycopg.errors.DivisionByZero:
+                    raised = True
+                try:
+                    p.sync()
+                except psycopg.errors.PipelineAborted:
+                    pass
+            assert raised
+            try:
+                assert a.execute(fresh, (2,)).fetchone() == (1002 + k,)
+            except psycopg.Error as e:
+                failures.append("same client, round %d: %s" % (k, e))
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as b:
+            try:
+                assert b.execute(fresh, (3,)).fetchone() == (1003 + k,)
+            except psycopg.Error as e:
+                failures.append("other client, round %d: %s" % (k, e))
+    assert not failures, "%d of 30 failed:\n  %s\n-- pgdoorman stderr (tail):\n%s" % (
+        len(failures), "\n  ".join(failures[:6]), log_tail(d))
+
+
 # -- asyncpg -----------------------------------------------------------------------------------
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_asyncpg_statement_cache_prepare_executemany_cursor(pg, pgdoorman, new_user):
     asyncpg = need_module("asyncpg")
     user, pw = new_user()
@@ -313,7 +390,7 @@ def test_asyncpg_statement_cache_prepare_executemany_cursor(pg, pgdoorman, new_u
                 for cid, r in enumerate(results) if isinstance(r, BaseException)]
 
     with BackendSampler(pg, user) as sampler:
-        errors = asyncio.run(asyncio.wait_for(main(), 150))
+        errors = asyncio.run(asyncio.wait_for(main(), 90))
         peak = sampler.stop()
     check_errors(errors, d)
     assert pg.psql("SELECT count(*) FROM %s" % table, db=DB).strip() == str(
@@ -323,7 +400,7 @@ def test_asyncpg_statement_cache_prepare_executemany_cursor(pg, pgdoorman, new_u
 
 # -- SQLAlchemy 2 on asyncpg -------------------------------------------------------------------
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_sqlalchemy2_asyncpg_core_and_orm(pg, pgdoorman, new_user):
     need_module("asyncpg")
     need_module("greenlet")  # sqlalchemy[asyncio]
@@ -397,7 +474,7 @@ def test_sqlalchemy2_asyncpg_core_and_orm(pg, pgdoorman, new_user):
                         for cid, r in enumerate(results) if isinstance(r, BaseException)]
 
     with BackendSampler(pg, user) as sampler:
-        opened, errors = asyncio.run(asyncio.wait_for(main(), 150))
+        opened, errors = asyncio.run(asyncio.wait_for(main(), 90))
         peak = sampler.stop()
     check_errors(errors, d)
     assert opened > POOL_SIZE, "SQLAlchemy opened only %d connections" % opened
@@ -408,8 +485,14 @@ def test_sqlalchemy2_asyncpg_core_and_orm(pg, pgdoorman, new_user):
 
 # -- pg8000 ------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(180)
+def pg8000_connect(native, d, user, pw):
+    return native.Connection(user, host=d.host, port=d.port, database=d.aliases.get(DB, DB),
+                             password=pw, timeout=60)
+
+
+@pytest.mark.timeout(120)
 def test_pg8000_prepare(pg, pgdoorman, new_user):
+    """pg8000.native prepare(): named statements (pg8000_statement_N), Close and re-prepare."""
     need_module("pg8000")
     native = need_module("pg8000.native")
     user, pw = new_user()
@@ -420,8 +503,7 @@ def test_pg8000_prepare(pg, pgdoorman, new_user):
 
     def client(cid, barrier):
         rnd = random.Random(cid)
-        con = native.Connection(user, host=d.host, port=d.port, database=d.aliases.get(DB, DB),
-                                password=pw, timeout=60)
+        con = pg8000_connect(native, d, user, pw)
         try:
             add = con.prepare("SELECT CAST(:a AS int) + CAST(:b AS int)")
             ins = con.prepare("INSERT INTO %s (client, i, v) VALUES (:c, :i, :v)" % table)
@@ -432,7 +514,7 @@ def test_pg8000_prepare(pg, pgdoorman, new_user):
             n = total = 0
             for i in range(iterations):
                 a, b = values(rnd)
-                con.run("START TRANSACTION")
+                con.run("START TRANSACTION")  # no parameters: a simple query
                 assert add.run(a=a, b=b) == [[a + b]]
                 ins.run(c=cid, i=i, v=a % 1000)
                 n += 1
@@ -441,11 +523,13 @@ def test_pg8000_prepare(pg, pgdoorman, new_user):
                 assert got[:2] == [n, total]
                 pids.add(got[2])
                 assert mine.run(x=i) == [[i * 1000 + cid, "client %d" % cid]]
+                # a normal query with parameters (the unnamed statement), in the transaction
+                assert con.run("SELECT CAST(:x AS int) * 2", x=i) == [[2 * i]]
                 con.run("COMMIT")
                 # autocommit
                 assert add.run(a=b, b=i) == [[b + i]]
                 assert mine.run(x=i + 1) == [[(i + 1) * 1000 + cid, "client %d" % cid]]
-                assert con.run("SELECT CAST(:x AS int) * 2", x=i) == [[2 * i]]  # unnamed
+                assert con.run("SELECT %d + 1" % i) == [[i + 1]]
                 # Close, then the same statement name again with another text
                 tmp = con.prepare("SELECT CAST(:x AS int) + %d" % (cid * 1000 + i))
                 assert tmp.run(x=1) == [[cid * 1000 + i + 1]]
@@ -462,17 +546,53 @@ def test_pg8000_prepare(pg, pgdoorman, new_user):
     check_shared(peak, pids, d)
 
 
+@pytest.mark.timeout(120)
+def test_pg8000_queries_with_parameters_outside_transactions(pg, pgdoorman, new_user):
+    """
+    pg8000's run(sql, **params) uses the unnamed statement over three round trips, each ended
+    by Sync: Parse; Describe; Bind/Execute.  Outside a transaction each may get another server,
+    so the pooler has to keep the client's unnamed statement (PgDoorman's anonymous Parse
+    cache, client_anonymous_prepared_cache_size) for the driver to work unchanged.
+    """
+    need_module("pg8000")
+    native = need_module("pg8000.native")
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    iterations = 20
+    pids = set()
+
+    def client(cid, barrier):
+        con = pg8000_connect(native, d, user, pw)
+        try:
+            barrier.wait()
+            for i in range(iterations):
+                got = con.run("SELECT CAST(:x AS int) * 1000 + CAST(:c AS int), "
+                              "pg_backend_pid()", x=i, c=cid)[0]
+                assert got[0] == i * 1000 + cid
+                pids.add(got[1])
+                assert con.run("SELECT CAST(:t AS text) || '-%d'" % cid, t="c%d" % i) == [
+                    ["c%d-%d" % (i, cid)]]
+        finally:
+            con.close()
+
+    with BackendSampler(pg, user) as sampler:
+        errors = run_threads(client)
+        peak = sampler.stop()
+    check_errors(errors, d)
+    check_shared(peak, pids, d)
+
+
 # -- programs in other languages (tests/drivers/) ----------------------------------------------
 
-def run_program(argv, d, pg, user, env=None, timeout=150, cwd=None):
+def run_program(name, argv, d, pg, user, env=None, timeout=60, cwd=None):
     """Run a driver program; return its JSON summary (the last line of stdout)."""
     with BackendSampler(pg, user) as sampler:
         try:
             out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  timeout=timeout, env=env, cwd=cwd)
         except subprocess.TimeoutExpired as e:
-            pytest.fail("%s ran longer than %ss; stdout:\n%s\n-- pgdoorman stderr (tail):\n%s"
-                        % (argv[0], timeout, e.stdout, log_tail(d)))
+            pytest.fail("%s ran longer than %ss (a hang?); stdout:\n%s\n-- pgdoorman stderr "
+                        "(tail):\n%s" % (name, timeout, e.stdout, log_tail(d)))
         peak = sampler.stop()
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else None
@@ -480,7 +600,7 @@ def run_program(argv, d, pg, user, env=None, timeout=150, cwd=None):
         errors = (summary or {}).get("errors") or []
         pytest.fail("%s exited with %s; %d errors, first:\n  %s\nsummary: %s\nstderr:\n%s\n"
                     "-- pgdoorman stderr (tail):\n%s"
-                    % (os.path.basename(argv[1] if len(argv) > 1 else argv[0]), out.returncode,
+                    % (name, out.returncode,
                        len(errors), "\n  ".join(errors[:8]),
                        json.dumps({k: v for k, v in (summary or {}).items() if k != "errors"}),
                        out.stderr[-3000:], log_tail(d)))
@@ -506,25 +626,27 @@ def node_program(name):
     return [node, os.path.join(base, name)]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_node_postgres_named_queries(pg, pgdoorman, new_user):
     argv = node_program("pg_named.js")
     user, pw = new_user()
     d = start(pgdoorman, pg, user, pw)
     iterations = 30
-    summary = run_program(argv + [d.url(user, d.aliases.get(DB, DB), pw), str(CLIENTS),
-                                  str(iterations), "prep_node_pg"], d, pg, user)
+    summary = run_program("node-postgres", argv + [
+        d.url(user, d.aliases.get(DB, DB), pw), str(CLIENTS), str(iterations), "prep_node_pg"],
+        d, pg, user)
     check_summary(summary, iterations, d)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_postgresjs_prepared_and_begin(pg, pgdoorman, new_user):
     argv = node_program("postgresjs.js")
     user, pw = new_user()
     d = start(pgdoorman, pg, user, pw)
     iterations = 30
-    summary = run_program(argv + [d.url(user, d.aliases.get(DB, DB), pw), str(CLIENTS),
-                                  str(iterations), "prep_postgresjs"], d, pg, user)
+    summary = run_program("postgres.js", argv + [
+        d.url(user, d.aliases.get(DB, DB), pw), str(CLIENTS), str(iterations), "prep_postgresjs"],
+        d, pg, user)
     check_summary(summary, iterations, d)
 
 
@@ -542,17 +664,17 @@ def pgjdbc_classes(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_pgjdbc_prepare_threshold_1_and_batch(pg, pgdoorman, new_user, pgjdbc_classes):
     user, pw = new_user()
     d = start(pgdoorman, pg, user, pw)
     iterations = 25
     url = "jdbc:postgresql://%s:%d/%s?user=%s&password=%s&prepareThreshold=1" % (
         d.host, d.port, d.aliases.get(DB, DB), user, pw)
-    summary = run_program(
-        [shutil.which("java"), "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-         "-cp", PGJDBC_JAR + os.pathsep + pgjdbc_classes, "PgjdbcPrepared", url, str(CLIENTS),
-         str(iterations), "prep_pgjdbc"], d, pg, user)
+    summary = run_program("pgjdbc", [
+        shutil.which("java"), "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+        "-cp", PGJDBC_JAR + os.pathsep + pgjdbc_classes, "PgjdbcPrepared", url, str(CLIENTS),
+        str(iterations), "prep_pgjdbc"], d, pg, user)
     check_summary(summary, iterations, d)
 
 
@@ -569,13 +691,13 @@ def pgx_binary(tmp_path_factory):
     return out
 
 
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(120)
 def test_pgx_v4_statement_cache_prepare_sendbatch(pg, pgdoorman, new_user, pgx_binary):
     user, pw = new_user()
     d = start(pgdoorman, pg, user, pw)
     iterations = 30
-    summary = run_program([pgx_binary, d.url(user, d.aliases.get(DB, DB), pw), str(CLIENTS),
-                           str(iterations), "prep_pgx"], d, pg, user)
+    summary = run_program("pgx", [pgx_binary, d.url(user, d.aliases.get(DB, DB), pw),
+                                  str(CLIENTS), str(iterations), "prep_pgx"], d, pg, user)
     check_summary(summary, iterations, d)
 
 
@@ -595,18 +717,39 @@ def bench_db(pg):
     return BENCH_DB
 
 
+# The built-in TPC-B script cannot be used with -j 2 through any transaction pooler smaller
+# than the client count: pgbench prepares each command with a synchronous PQprepare() the first
+# time a client runs it, blocking its whole thread, while that thread's other clients sit in
+# open BEGIN ... END transactions holding the pool's servers: a deadlock until
+# query_wait_timeout (checked with pgdoorman and pool_size 1: -c 3 -j 1 stalls, -c 3 -j 3 runs).
+# So the same statements run here one transaction each.
+TPCB_AUTOCOMMIT = """\\set aid random(1, 100000 * :scale)
+\\set bid random(1, 1 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime)
+  VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+"""
+
+
 @pytest.mark.timeout(120)
-def test_pgbench_prepared_50_clients_pool_5(pg, pgdoorman, new_user, bench_db):
+def test_pgbench_prepared_50_clients_pool_5(pg, pgdoorman, new_user, bench_db, tmp_path):
     if not os.path.exists(PGBENCH):
         pytest.fail("%s is missing" % PGBENCH)
     clients, pool_size = 50, 5
     user, pw = new_user()
     d = start(pgdoorman, pg, user, pw, db=bench_db, clients=clients, pool_size=pool_size)
+    script = tmp_path / "tpcb-autocommit.sql"
+    script.write_text(TPCB_AUTOCOMMIT)
     env = {"PGPASSWORD": pw, "PATH": "/usr/bin:/bin"}
     with BackendSampler(pg, user) as sampler:
         out = subprocess.run([PGBENCH, "-n", "-h", d.host, "-p", str(d.port), "-U", user,
                               "-M", "prepared", "-c", str(clients), "-j", "2", "-T", "10",
-                              d.aliases.get(bench_db, bench_db)],
+                              "-f", str(script), d.aliases.get(bench_db, bench_db)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                              timeout=90, text=True, cwd="/tmp")
         peak = sampler.stop()
