@@ -45,7 +45,7 @@ _STATEMENT_MESSAGES = frozenset((messages.PARSE, messages.BIND, messages.DESCRIB
                                  messages.CLOSE))
 _KIND_STATEMENT = ord("S")
 #: First bytes of a simple query that may be DEALLOCATE or DISCARD.
-_SQL_STATEMENT_FIRST = frozenset(b"dD \t\r\n")
+_SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
 _IN_TRANSACTION_REPLY = messages.ready_for_query(b"T")
 _IDLE_REPLY = messages.ready_for_query(b"I")
 
@@ -117,6 +117,9 @@ class ClientConnection(protocol.Protocol):
         self.prepared: Dict[bytes, _prepared.Statement] = {}
         #: a lone BEGIN answered without a server, sent ahead of the next query.
         self._deferred_begin: Optional[bytes] = None
+        #: the client's tracked parameters as its startup packet set them: what RESET
+        #: returns to (a server's RESET would return to the server's own startup values).
+        self.startup_values: Dict[str, Optional[str]] = {}
         #: transaction mode with prepared statements: statement messages are rewritten.
         self._ps = False
         self._tx = False
@@ -374,6 +377,7 @@ class ClientConnection(protocol.Protocol):
             pool.checkout(self)
         else:
             self.params = self._paramsFromDefaults()
+            self.startup_values = {k: self.params[k] for k in wanted}
             self._finishLogin()
 
     def _needsServerForParams(self) -> bool:
@@ -400,7 +404,7 @@ class ClientConnection(protocol.Protocol):
         """Learn the server's spelling of the client's startup parameters, then go on."""
         self.params = self._paramsFromDefaults()
         sql = _params.sync_sql({k: v for k, v in self._wanted.items()
-                                if k in _params.REPORTED and
+                                if k in _params.STARTUP_ONLY or
                                 (server.params.get(k) or "").lower() != v.lower()},
                                server.params)
 
@@ -418,6 +422,7 @@ class ClientConnection(protocol.Protocol):
                     self.params[k] = server.params.get(k)
             for k in _params.STARTUP_ONLY:
                 server.params[k] = self.params[k]
+            self.startup_values = {k: self.params[k] for k in self._wanted}
             self._login_pending = False
             if self.pool.transaction_mode:
                 self._giveBack(server)
@@ -520,6 +525,7 @@ class ClientConnection(protocol.Protocol):
         syncs = 0
         dirty = self._dirty
         ps = self._ps
+        tx = self._tx
         expect = server.expect
         start = 0
         while pos < n:
@@ -537,7 +543,7 @@ class ClientConnection(protocol.Protocol):
             if code in _SYNCS:
                 syncs += 1
                 dirty = False
-                if ps:
+                if tx:
                     if code == _QUERY and data[pos + 5] in _SQL_STATEMENT_FIRST:
                         if end > n:
                             self._head = data[pos:]
@@ -545,7 +551,7 @@ class ClientConnection(protocol.Protocol):
                             syncs -= 1
                             break
                         replacement = self._statementQuery(server, data[pos + 5:end - 1],
-                                                           expect)
+                                                           expect, syncs - 1)
                         if replacement is not None:
                             if out is None:
                                 out = []
@@ -553,7 +559,8 @@ class ClientConnection(protocol.Protocol):
                                 out.append(data[start:pos])
                             out.append(replacement)
                             start = end
-                    expect.append(_prepared.SYNC_ENTRY)
+                    if ps:
+                        expect.append(_prepared.SYNC_ENTRY)
             elif code in _EXTENDED:
                 dirty = True
                 if ps and code in _STATEMENT_MESSAGES:
@@ -662,16 +669,25 @@ class ClientConnection(protocol.Protocol):
         expect.append((_prepared.SWALLOW, None))
         return _prepared.close_statement(evicted)
 
-    def _statementQuery(self, server, query: bytes, expect) -> Optional[bytes]:
+    def _statementQuery(self, server, query: bytes, expect, syncs: int) -> Optional[bytes]:
         """
-        SQL DEALLOCATE and DISCARD ALL act on the client's own statement names; returns the
-        Query to send instead, or None to send it as is.
+        SQL DEALLOCATE and DISCARD ALL act on the client's own statement names; RESET returns
+        to the client's startup values.  Returns the bytes to send instead of the Query, or
+        None to send it as is.  C{syncs}: the client's Sync/Query messages before this one
+        that the server has not answered yet.
         """
+        if self.startup_values:
+            replacement = self._reset(server, query, syncs)
+            if replacement is not None:
+                return replacement
         target = _prepared.parse_deallocate(query)
         if target is True or (target is None and _prepared.is_discard_all(query)):
             # Sent as is, it drops every statement on this server: forget them all.
             self.prepared.clear()
             server.statements.clear()
+            if target is None and self.startup_values:
+                return self._reset(server, b"RESET ALL", syncs, messages.query(
+                    query.decode("utf-8", "replace")))
             return None
         if target is None:
             return None
@@ -683,6 +699,31 @@ class ClientConnection(protocol.Protocol):
         prefix = self._ensure(server, stmt, expect)
         server.statements.discard(stmt.name)
         return prefix + messages.query('DEALLOCATE "%s"' % stmt.name.decode())
+
+    def _reset(self, server, query: bytes, syncs: int, original: Optional[bytes] = None
+               ) -> Optional[bytes]:
+        """
+        RESET of a parameter the client set at startup: PostgreSQL would go back to the
+        client's startup value, the shared server goes back to its own; so the RESET is
+        followed by a query of ours that sets the startup value again, and the client sees
+        its ParameterStatus.
+        """
+        name = _params.parse_reset(query.decode("utf-8", "replace"))
+        if name is None:
+            return None
+        if name == "ALL":
+            values = dict(self.startup_values)
+        elif name in self.startup_values:
+            values = {name: self.startup_values[name]}
+        else:
+            return None
+        for k in values:
+            if k in _params.STARTUP_ONLY:
+                server.params[k] = None
+        sql = _params.sync_sql(values, {})
+        if original is None:
+            original = messages.query(query.decode("utf-8", "replace"))
+        return original + server.append_internal(sql, server.pending + syncs + 1)
 
     def serverAssigned(self, server) -> None:
         """

@@ -16,6 +16,7 @@ Two kinds are tracked:
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Optional
 
 #: Reported by PostgreSQL 15 (GUC_REPORT) and meaningful per session.
@@ -81,12 +82,34 @@ def quote_literal(value: str) -> str:
 
 
 def sync_sql(want: Dict[str, Optional[str]], have: Dict[str, Optional[str]]) -> str:
-    """SQL that turns a server's values C{have} into the client's C{want}."""
-    parts = []
+    """
+    SQL that turns a server's values C{have} into the client's C{want}.
+
+    Values go through set_config(), which parses them as the startup packet would: a
+    search_path of "a, b" is two schemas there, while SET search_path TO 'a, b' is one.
+    """
+    resets, sets = [], []
     for name, value in want.items():
         if have.get(name) != value:
             if value is None:
-                parts.append("RESET %s" % name)
+                resets.append("RESET %s" % name)
             else:
-                parts.append("SET %s TO %s" % (name, quote_literal(value)))
-    return ";".join(parts)
+                sets.append("pg_catalog.set_config(%s, %s, false)"
+                            % (quote_literal(name), quote_literal(value)))
+    if sets:
+        resets.append("SELECT " + ", ".join(sets))
+    return ";".join(resets)
+
+
+_RESET = re.compile(r"^\s*reset\s+(all|[a-z_][a-z0-9_]*)\s*;?\s*$", re.IGNORECASE)
+
+
+def parse_reset(query: str) -> Optional[str]:
+    """For C{RESET name} return the tracked parameter's name, "ALL" for RESET ALL, else None."""
+    m = _RESET.match(query)
+    if m is None:
+        return None
+    name = m.group(1)
+    if name.lower() == "all":
+        return "ALL"
+    return CANONICAL.get(name.lower())

@@ -46,13 +46,22 @@ _PARSE_COMPLETE = _prepared.PARSE_COMPLETE
 
 
 class _Internal:
-    """A query the pooler put on the wire itself; its replies never reach a client."""
+    """
+    A query the pooler put on the wire itself; its replies never reach a client, except its
+    ParameterStatus messages when C{report} is set (the client must learn the values).
 
-    __slots__ = ("deferred", "error")
+    @ivar start_at: how many of the client's ReadyForQuery messages come before this query's
+        replies (0 for a query written ahead of the client's own).
+    """
 
-    def __init__(self, deferred: Optional[defer.Deferred]):
+    __slots__ = ("deferred", "error", "start_at", "report")
+
+    def __init__(self, deferred: Optional[defer.Deferred], start_at: int = 0,
+                 report: bool = False):
         self.deferred = deferred
         self.error: Optional[errors.PgError] = None
+        self.start_at = start_at
+        self.report = report
 
 
 class ServerConnection(protocol.Protocol):
@@ -83,6 +92,8 @@ class ServerConnection(protocol.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.pending = 0
+        #: ReadyForQuery messages of the client's own seen so far; orders internal queries.
+        self.replies = 0
         self.dirty = False
         self.in_transaction = False
         self.closing = False
@@ -265,6 +276,7 @@ class ServerConnection(protocol.Protocol):
         start = 0
         release = False
         internal = self._internal
+        swallow = bool(internal) and internal[0].start_at <= self.replies
         expect = self.expect
         out = None
         while pos < n:
@@ -274,30 +286,40 @@ class ServerConnection(protocol.Protocol):
                 break
             code = data[pos]
             end = pos + 1 + _unpack_len(data, pos + 1)[0]
-            if internal or code in _INSPECT:
+            if swallow or code in _INSPECT:
                 if end > n:
                     self._head = data[pos:]
                     n = pos
                     break
                 replace = None
-                if internal:
+                if swallow:
                     entry = internal[0]
+                    replace = b""
                     if code == _Z:
                         internal.popleft()
                         self._internalDone(entry)
+                        swallow = bool(internal) and internal[0].start_at <= self.replies
+                        if not swallow and not internal and self.pending <= 0 and \
+                                not self.in_transaction and not self.dirty and client is not None:
+                            self.pending = 0
+                            release = True
                     elif code == _E:
                         entry.error = errors.PgError.from_fields(
                             messages.parse_fields(data[pos + 5:end]))
                     elif code == _S:
-                        self._parameterStatus(data, pos, end, None)
-                    replace = b""
+                        self._parameterStatus(data, pos, end, client if entry.report else None)
+                        if entry.report:
+                            replace = None
                 elif code == _Z:
                     if expect:
                         while expect and expect.popleft()[0] != _SYNC:
                             pass
                     self.pending -= 1
+                    self.replies += 1
                     self.in_transaction = data[pos + 5] != _IDLE
-                    if self.pending <= 0 and not self.in_transaction and not self.dirty:
+                    if internal:
+                        swallow = internal[0].start_at <= self.replies
+                    elif self.pending <= 0 and not self.in_transaction and not self.dirty:
                         self.pending = 0
                         release = True
                 elif code == _S:
@@ -386,18 +408,26 @@ class ServerConnection(protocol.Protocol):
 
         The caller writes them ahead of the client's own messages, in the same send.
         """
-        self._internal.append(_Internal(None))
+        self._internal.append(_Internal(None, self.replies + self.pending))
         return messages.query(sql)
 
     def prepend_internal_message(self, message: bytes) -> bytes:
         """Like L{prepend_internal} for a ready-made Query message (a deferred BEGIN)."""
-        self._internal.append(_Internal(None))
+        self._internal.append(_Internal(None, self.replies + self.pending))
         return message
+
+    def append_internal(self, sql: str, after: int) -> bytes:
+        """
+        Register an internal query that goes after C{after} more of the client's
+        Sync/Query messages, whose ParameterStatus replies the client does see.
+        """
+        self._internal.append(_Internal(None, self.replies + after, report=True))
+        return messages.query(sql)
 
     def run_internal(self, sql: str) -> defer.Deferred:
         """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""
         d = defer.Deferred()
-        self._internal.append(_Internal(d))
+        self._internal.append(_Internal(d, self.replies + self.pending))
         self.send(messages.query(sql))
         return d
 
