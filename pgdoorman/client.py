@@ -22,7 +22,11 @@ from twisted.logger import Logger
 
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
+from pgdoorman import tls as _tls
+from pgdoorman.auth import hba as _hba
+from pgdoorman.auth import jwt as _jwt
 from pgdoorman.auth import md5 as _md5
+from pgdoorman.auth import pam as _pam
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
 from pgdoorman.sendnow import make_sender
@@ -52,7 +56,8 @@ _IDLE_REPLY = messages.ready_for_query(b"I")
 #: Virtual databases of the admin console.
 ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
 
-#: Time allowed from TCP connect to a logged-in client (PostgreSQL's authentication_timeout).
+#: Time allowed from TCP connect to a logged-in client (PostgreSQL's authentication_timeout),
+#: when the config has no general.client_login_timeout.
 LOGIN_TIMEOUT = 60.0
 
 #: Bytes a client may queue while it waits for a server before we stop reading from it.
@@ -113,6 +118,12 @@ class ClientConnection(protocol.Protocol):
         self._paused = False
         self._terminate = False
         self.pool_key_hint = None
+        #: the client asked for TLS and got it (SSLRequest answered 'S').
+        self.tls = False
+        #: the peer's IP address (for pg_hba), None for a Unix socket.
+        self.peer_host: Optional[str] = None
+        #: the pg_hba rule that let this client in, if rules are configured.
+        self._hba_rule: Optional[_hba.Rule] = None
         #: client statement name -> L{prepared.Statement}, in transaction mode.
         self.prepared: Dict[bytes, _prepared.Statement] = {}
         #: a lone BEGIN answered without a server, sent ahead of the next query.
@@ -138,12 +149,17 @@ class ClientConnection(protocol.Protocol):
         peer = t.getPeer()
         self.peer = "%s:%s" % (peer.host, peer.port) if hasattr(peer, "port") else str(
             getattr(peer, "name", "unix"))
+        self.peer_host = getattr(peer, "host", None)
         self.session.peer = self.peer
         self.session.connected_at = time.time()
         self.send = make_sender(t, self._backlog)
         self.dataReceived = self._startupData
-        self._login_timer = reactor.callLater(LOGIN_TIMEOUT, self._loginTimeout)
         general = self.service.config.general
+        # From TCP connect to logged in, TLS handshake included: a slow (slowloris) client
+        # cannot hold a connection slot longer than this.
+        timeout = getattr(general, "client_login_timeout", LOGIN_TIMEOUT)
+        if timeout:
+            self._login_timer = reactor.callLater(timeout, self._loginTimeout, timeout)
         if general.max_connections and self.factory.connections > general.max_connections:
             self._fatal(errors.PgError(errors.TOO_MANY_CONNECTIONS,
                                        "sorry, too many clients already"),
@@ -165,10 +181,11 @@ class ClientConnection(protocol.Protocol):
     def _ignore(self, data: bytes) -> None:
         pass
 
-    def _loginTimeout(self):
+    def _loginTimeout(self, timeout: float = LOGIN_TIMEOUT):
         self._login_timer = None
         self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
-                                   "login not completed within %gs" % LOGIN_TIMEOUT))
+                                   "login not completed within %gs" % timeout),
+                    "client_login_timeout")
 
     # -- startup packet ----------------------------------------------------------------------
 
@@ -185,9 +202,29 @@ class ClientConnection(protocol.Protocol):
                 break
             packet, buf = buf[:length], buf[length:]
             (code,) = _int32.unpack_from(packet, 4)
-            if code in (messages.SSL_REQUEST_CODE, messages.GSSENC_REQUEST_CODE):
-                # Encryption is not offered (yet): 'N' and the client goes on in the clear
-                # or gives up, as it chooses.
+            if code == messages.SSL_REQUEST_CODE:
+                if self.tls or length != 8 or buf:
+                    # Bytes behind an SSLRequest would be read in the clear although the
+                    # client meant them to be encrypted (PostgreSQL refuses them too,
+                    # CVE-2021-23214); a second SSLRequest inside TLS is nonsense.
+                    self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                               "received unencrypted data after SSL request"
+                                               if buf else "invalid SSL request"))
+                    return
+                mode, factory = _tls.client_tls.for_config(self.service.config.general)
+                if factory is None:
+                    self.transport.write(b"N")
+                    continue
+                self.transport.write(b"S")  # goes out in the clear, ahead of the handshake
+                self.transport.startTLS(factory)
+                self.tls = True
+                # The transport keeps its type under startTLS: sendnow's direct socket send
+                # would bypass the TLS layer, so this client writes through Twisted.
+                self.send = self.transport.write
+                continue
+            if code == messages.GSSENC_REQUEST_CODE:
+                # GSSAPI encryption is not offered: 'N' and the client goes on (or asks
+                # for TLS next, as libpq does).
                 self.transport.write(b"N")
                 continue
             if code == messages.CANCEL_REQUEST_CODE:
@@ -235,8 +272,10 @@ class ClientConnection(protocol.Protocol):
         s = self.session
         s.user, s.database, s.startup = user, database, startup
         if self.service.config.general.log_client_connections:
-            self.log.info("client {peer} connecting as {user} to {db}", peer=self.peer,
-                          user=user, db=database)
+            self.log.info("client {peer} connecting as {user} to {db}{tls}", peer=self.peer,
+                          user=user, db=database, tls=" over TLS" if self.tls else "")
+        if not self._accessAllowed(user, database):
+            return
         if database in ADMIN_DATABASES:
             general = self.service.config.general
             if user != general.admin_username:
@@ -261,17 +300,108 @@ class ClientConnection(protocol.Protocol):
                                        'password authentication failed for user "%s"' % user),
                         'no user "%s" in pool "%s"' % (user, database))
             return
-        self._startAuth(ucfg.password)
+        self._startAuth(ucfg.password, ucfg.auth_pam_service)
         if rest:
             self.dataReceived(rest)
 
     # -- authentication ----------------------------------------------------------------------
 
-    def _startAuth(self, password: Optional[str]) -> None:
+    def _accessAllowed(self, user: str, database: str) -> bool:
+        """
+        tls_mode and pg_hba/hba say whether this client may try to log in at all; the rule
+        that matched (kept in C{_hba_rule}) picks the method.  Refusals use PostgreSQL's
+        words (28000).
+        """
+        general = self.service.config.general
+        mode = _tls.client_mode(general)
+        if mode in ("require", "verify-full") and not self.tls:
+            self._fatal(errors.PgError(
+                errors.INVALID_AUTHORIZATION,
+                "TLS required: pgdoorman accepts only encrypted connections",
+                hint="Connect with sslmode=require (general.tls_mode is %s)." % mode),
+                "client did not ask for TLS")
+            return False
+        try:
+            rules = _hba.rules_for(general)
+        except (_hba.HbaError, ValueError) as e:
+            self._fatal(errors.PgError(errors.INVALID_AUTHORIZATION,
+                                       "pgdoorman's access rules cannot be read"), str(e))
+            return False
+        if rules is None:
+            return True
+        host = self.peer_host
+        rule = rules.match(self.tls, host, database, user)
+        if rule is None or rule.method == "reject":
+            self._fatal(errors.PgError(errors.INVALID_AUTHORIZATION,
+                                       _hba.refusal(rule, host or "[local]", user, database,
+                                                    self.tls)),
+                        "no matching pg_hba rule" if rule is None
+                        else "pg_hba line %d rejects" % rule.lineno)
+            return False
+        self._hba_rule = rule
+        return True
+
+    def _startAuth(self, password: Optional[str], pam_service: Optional[str] = None) -> None:
+        """
+        Ask for the credential the rule and the user's config call for: nothing (trust),
+        a client certificate (cert), a cleartext password (password, pam, jwt), md5 or
+        SCRAM-SHA-256 (by the configured secret, as PostgreSQL picks for md5 rules).
+        """
         self.dataReceived = self._authData
-        if password is None:
+        rule = self._hba_rule
+        method = rule.method if rule is not None else _hba.ANY
+        user = self.session.user
+        failed = errors.PgError(errors.INVALID_PASSWORD,
+                                'password authentication failed for user "%s"' % user)
+        if method == "trust":
             self._authenticated()
-        elif _md5.is_md5_hash(password):
+            return
+        if method == "cert":
+            name = _tls.peer_certificate_subject(self.transport) if self.tls else None
+            if name is not None and name == user:
+                self._authenticated()
+            else:
+                self._fatal(errors.PgError(
+                    errors.INVALID_AUTHORIZATION,
+                    'certificate authentication failed for user "%s"' % user),
+                    "client certificate CN %r" % (name,))
+            return
+        if method != _hba.ANY and method not in _hba.SUPPORTED:
+            self._fatal(errors.PgError(
+                errors.INVALID_AUTHORIZATION,
+                'authentication method "%s" is not supported by pgdoorman' % method),
+                "pg_hba line %d" % rule.lineno)
+            return
+        if method == "pam" and not pam_service:
+            pam_service = rule.options.get("pamservice") or _pam.DEFAULT_SERVICE
+        if pam_service:
+            # PAM wins over a static password (PgDoorman's dispatch order).
+            self._auth = ("pam", pam_service, 0)
+            self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT))
+            return
+        if password is None:
+            if method == _hba.ANY:
+                self._authenticated()
+            else:
+                self._fatal(failed, "pg_hba asks for %s and the user has no password" % method)
+            return
+        if _jwt.is_jwt_password(password):
+            self._auth = ("jwt", password, 0)
+            self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT))
+            return
+        if method == "jwt":
+            self._fatal(failed, "pg_hba asks for jwt and the user's password is not "
+                                "jwt-pkey-fpath:")
+            return
+        if method == "password":
+            self._auth = ("password", password, 0)
+            self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT))
+            return
+        if _md5.is_md5_hash(password):
+            if method == "scram-sha-256":
+                self._fatal(failed, "pg_hba asks for scram-sha-256 and the user's password "
+                                    "is an md5 hash")
+                return
             salt = os.urandom(4)
             self._auth = ("md5", password, salt)
             self.transport.write(messages.authentication_md5(salt))
@@ -298,6 +428,11 @@ class ClientConnection(protocol.Protocol):
                                        "authentication message too long"))
             return
         for i, (code, payload) in enumerate(msgs):
+            if self._auth is not None and self._auth[0] == "waiting":
+                # A PAM check is running: keep what follows for after it.
+                rest = b"".join(messages.message(bytes([c]), p) for c, p in msgs[i:])
+                self._buf = rest + self._buf
+                return
             if self.dataReceived != self._authData:
                 # Authenticated: anything after the last auth message is the next phase's.
                 rest = b"".join(messages.message(bytes([c]), p) for c, p in msgs[i:])
@@ -325,6 +460,9 @@ class ClientConnection(protocol.Protocol):
             else:
                 self._fatal(failed, "wrong password (md5)")
             return
+        if kind in ("password", "jwt", "pam"):
+            self._cleartextPassword(kind, state, payload, failed)
+            return
         try:
             if step == 0:
                 mechanism, first = messages.parse_sasl_initial_response(payload)
@@ -346,6 +484,56 @@ class ClientConnection(protocol.Protocol):
         except (_scram.ScramError, ValueError) as e:
             self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
                                        getattr(e, "message", str(e))))
+
+    def _cleartextPassword(self, kind: str, state: str, payload: bytes,
+                           failed: errors.PgError) -> None:
+        """A PasswordMessage for the password, jwt and pam methods; never logged."""
+        user = self.session.user
+        if not payload.endswith(b"\x00") or b"\x00" in payload[:-1]:
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION, "invalid password packet"))
+            return
+        try:
+            given = payload[:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fatal(failed, "password is not UTF-8 (%s)" % kind)
+            return
+        if not given:
+            self._fatal(failed, "empty password (%s)" % kind)
+            return
+        if kind == "jwt":
+            why = _jwt.verify(state, user, given)
+            if why is None:
+                self._authenticated()
+            else:
+                self._fatal(failed, "JWT rejected: %s" % why)
+            return
+        if kind == "password":
+            ok, client_key = _hba.password_matches(state, user, given)
+            if ok:
+                self.pool_key_hint = client_key
+                self._authenticated()
+            else:
+                self._fatal(failed, "wrong password (password)")
+            return
+        self._auth = ("waiting", None, 0)
+
+        def checked(result):
+            if self._closed:
+                return
+            ok, reason = result
+            self._auth = None
+            if not ok:
+                self._fatal(failed, "PAM service %r refused: %s" % (state, reason))
+                return
+            self._authenticated()
+            if self._buf and not self._closed:
+                buf, self._buf = self._buf, b""
+                self.dataReceived(buf)
+
+        def broken(failure):
+            self._fatal(failed, "PAM error: %s" % failure.getErrorMessage())
+
+        _pam.authenticate_deferred(state, user, given).addCallbacks(checked, broken)
 
     def _authenticated(self) -> None:
         """The client proved who it is: join the pool and learn the server's parameters."""

@@ -169,6 +169,10 @@ OPTIONS: List[Option] = (
         _r("query_wait_timeout", "duration", "5s",
            "How long a client may wait for a server connection from the "
            "pool before it gets an error."),
+        # PgBouncer's name; PgDoorman has no such key.
+        _r("client_login_timeout", "duration", "60s",
+           "Time a client has from connecting to finishing TLS, startup and "
+           "authentication; slower clients are closed. 0 disables."),
         _r("idle_timeout", "duration", "10m",
            "Close server connections idle for longer than this."),
         _r("server_lifetime", "duration", "20m",
@@ -380,13 +384,13 @@ OPTIONS: List[Option] = (
            "Connections per user protected from coordinator eviction.",
            implemented=False),
         _r("server_tls_mode", "str", None,
-           "Overrides general.server_tls_mode.", implemented=False),
+           "Overrides general.server_tls_mode."),
         _r("server_tls_ca_cert", "str", None,
-           "Overrides general.server_tls_ca_cert.", implemented=False),
+           "Overrides general.server_tls_ca_cert."),
         _r("server_tls_certificate", "str", None,
-           "Overrides general.server_tls_certificate.", implemented=False),
+           "Overrides general.server_tls_certificate."),
         _r("server_tls_private_key", "str", None,
-           "Overrides general.server_tls_private_key.", implemented=False),
+           "Overrides general.server_tls_private_key."),
         _r("startup_parameters", "str_map", {},
            "Merged over general.startup_parameters for this pool."),
         _r("patroni_api_urls", "str_list", None,
@@ -429,8 +433,8 @@ OPTIONS: List[Option] = (
            "Plaintext password for PostgreSQL; needed when password is an "
            "md5 or SCRAM hash."),
         _r("auth_pam_service", "str", None,
-           "Authenticate this user with this PAM service.",
-           implemented=False),
+           "Authenticate this user with this PAM service (the client sends "
+           "a cleartext password; use TLS)."),
     )
     + _opts(
         "auth_query",
@@ -803,6 +807,7 @@ class GeneralConfig:
     max_connections: int
     connect_timeout: float
     query_wait_timeout: float
+    client_login_timeout: float
     idle_timeout: float
     server_lifetime: float
     server_idle_check_timeout: float

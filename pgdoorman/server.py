@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
+from pgdoorman import tls as _tls
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
@@ -131,13 +132,54 @@ class ServerConnection(protocol.Protocol):
         peer = t.getPeer()
         self.peer = getattr(peer, "host", None) or str(getattr(peer, "name", ""))
         self.send = make_sender(t, self._backlog)
+        if getattr(getattr(self, "factory", None), "tls", None) is not None:
+            # PostgreSQL docs 55.2.10 "SSL Session Encryption": ask, then wait for one byte.
+            self.dataReceived = self._sslAnswer
+            t.write(_SSL_REQUEST)
+            return
+        self._sendStartup()
+
+    def _sendStartup(self) -> None:
         s = self.settings
         startup = {"user": s.server_username, "database": s.server_database}
         if s.application_name:
             startup["application_name"] = s.application_name
         startup.update(s.startup_parameters or {})
         self.dataReceived = self._loginData
-        t.write(messages.startup_message(startup))
+        self.transport.write(messages.startup_message(startup))
+
+    def _sslAnswer(self, data: bytes) -> None:
+        """PostgreSQL's one-byte answer to our SSLRequest: 'S' (TLS now) or 'N'."""
+        f = self.factory
+        answer = data[:1]
+        if answer == b"S":
+            if len(data) > 1:
+                # Bytes after 'S' came in the clear: someone in the middle (CVE-2021-23222).
+                self._failLogin(errors.PgError(
+                    errors.PROTOCOL_VIOLATION,
+                    "server sent unencrypted data after its TLS answer"))
+                return
+            self.transport.startTLS(f.tls)
+            self.tls = True
+            # startTLS keeps the transport's type: sendnow's direct socket send would bypass
+            # the TLS layer, so TLS servers are written through Twisted.
+            self.send = self.transport.write
+            self._sendStartup()
+        elif answer == b"N":
+            if f.tls_mode in ("require", "verify-ca", "verify-full"):
+                self._failLogin(errors.PgError(
+                    errors.CANNOT_CONNECT_NOW,
+                    "server %s does not support TLS and server_tls_mode is %s"
+                    % (self.peer, f.tls_mode)))
+                return
+            self._sendStartup()
+            if len(data) > 1:
+                self._loginData(data[1:])
+        else:
+            # An ErrorResponse from a server too old for SSLRequest, or garbage.
+            self._failLogin(errors.PgError(
+                errors.PROTOCOL_VIOLATION,
+                "server answered the TLS request with %r" % (answer,)))
 
     def _loginData(self, data: bytes) -> None:
         try:
@@ -524,6 +566,12 @@ def connect_server(pool, settings) -> defer.Deferred:
     The whole login, not only the TCP connect, must finish within connect_timeout.
     """
     f = ServerConnectionFactory(pool, settings)
+    try:
+        f.tls_mode, f.tls = _server_tls(pool, settings)
+    except (_tls.TLSConfigError, OSError) as e:
+        return defer.fail(errors.PgError(errors.CANNOT_CONNECT_NOW,
+                                         "pgdoorman cannot set up TLS to server %s:%s: %s"
+                                         % (settings.server_host, settings.server_port, e)))
     connector = connect(settings.server_host, settings.server_port, f, settings.connect_timeout)
     d = f.ready
     timeout = settings.connect_timeout
@@ -544,6 +592,24 @@ def connect_server(pool, settings) -> defer.Deferred:
             return result
         d.addBoth(done)
     return d
+
+
+_SSL_REQUEST = struct.pack("!ii", 8, messages.SSL_REQUEST_CODE)
+
+
+def _server_tls(pool, settings):
+    """
+    (server_tls_mode, context factory or None) for a new server connection.  C{disable}
+    and C{allow} connect in the clear (C{allow} would retry with TLS only after a refusal,
+    which PostgreSQL's pg_hba expresses as an error we do not retry), as do Unix sockets.
+    """
+    config = pool.service.config
+    general = config.general
+    chosen = _tls.server_settings(general, config.pools.get(settings.pool_name))
+    mode = chosen["server_tls_mode"] or "disable"
+    if mode in ("disable", "allow") or settings.server_host.startswith("/"):
+        return mode, None
+    return mode, _tls.server_tls.factory(general, chosen, settings.server_host)
 
 
 def _is_md5(s: str) -> bool:
