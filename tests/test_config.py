@@ -662,7 +662,6 @@ pools:
             "pools.db.auth_query.query",
             "pools.db.auth_query.user",
             "pools.db.auth_query.cache_ttl",
-            "pools.db.users[0].auth_pam_service",
         ]
         assert cfg.general.worker_threads == 8
         assert cfg.prometheus.enabled is True and cfg.prometheus.port == 9128

@@ -1,7 +1,7 @@
 """
-Limits against hostile or broken clients: slow logins (slowloris), client_login_timeout, max_connections,
-oversized startup packets and length prefixes (which must not allocate), and what the log
-says about failed logins.
+Limits against hostile or broken clients: slow logins (slowloris) and client_login_timeout,
+max_connections, oversized startup packets and length prefixes (which must not allocate),
+and what the log says about failed logins.
 """
 
 import socket
