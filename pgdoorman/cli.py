@@ -25,9 +25,6 @@ from typing import List, Optional
 
 from pgdoorman import __version__
 
-#: Config keys that the table in config.py still marks as not implemented but that this
-#: command acts on (C{-d} and syslog logging), so C{-t} does not warn about them.
-HANDLED_HERE = ("general.daemon_pid_file", "general.syslog_prog_name")
 
 
 class StartupError(Exception):
@@ -131,9 +128,8 @@ def check(config, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     for key in config.unimplemented_keys():
-        if key not in HANDLED_HERE:
-            print("pgdoorman: warning: %s: %s is accepted but not implemented yet"
-                  % (config.path, key), file=err)
+        print("pgdoorman: warning: %s: %s is accepted but not implemented yet"
+              % (config.path, key), file=err)
     problems = check_files(config)
     for key, problem in problems:
         print("pgdoorman: %s: %s: %s" % (config.path, key, problem), file=err)

@@ -21,6 +21,7 @@ from twisted.internet import protocol, reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
+from pgdoorman import sockopts
 from pgdoorman import prepared as _prepared
 from pgdoorman import tls as _tls
 from pgdoorman.auth import hba as _hba
@@ -52,6 +53,7 @@ _KIND_STATEMENT = ord("S")
 _SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
 _IN_TRANSACTION_REPLY = messages.ready_for_query(b"T")
 _IDLE_REPLY = messages.ready_for_query(b"I")
+_EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
 
 #: Virtual databases of the admin console.
 ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
@@ -134,6 +136,7 @@ class ClientConnection(protocol.Protocol):
         #: transaction mode with prepared statements: statement messages are rewritten.
         self._ps = False
         self._tx = False
+        self._check_query: Optional[bytes] = None
         #: Sync/Query/FunctionCall messages and bytes received from this client, for the stats.
         self.query_count = 0
         self.client_bytes = 0
@@ -142,10 +145,7 @@ class ClientConnection(protocol.Protocol):
 
     def connectionMade(self):
         t = self.transport
-        try:
-            t.setTcpNoDelay(True)
-        except Exception:
-            pass
+        sockopts.apply(t, self.service.config.general)
         peer = t.getPeer()
         self.peer = "%s:%s" % (peer.host, peer.port) if hasattr(peer, "port") else str(
             getattr(peer, "name", "unix"))
@@ -550,6 +550,10 @@ class ClientConnection(protocol.Protocol):
             pool.scram_client_key = key
         pool.clients += 1
         self._tx = pool.transaction_mode
+        check = self.service.config.general.pooler_check_query.strip().rstrip(";").strip()
+        # Only an empty check query (";") has an answer we can give without PostgreSQL.
+        self._check_query = None if check else \
+            self.service.config.general.pooler_check_query.encode("utf-8")
         self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
         wanted: Dict[str, str] = {}
         startup = dict(s.startup)
@@ -681,6 +685,10 @@ class ClientConnection(protocol.Protocol):
         """Answer a lone BEGIN, or COMMIT/ROLLBACK after one, without a server."""
         query = data[5:-1]
         if self._deferred_begin is None:
+            if query == self._check_query:
+                # pooler_check_query (";" by default): health checks never take a server.
+                self.send(_EMPTY_QUERY_REPLY)
+                return True
             tag = _prepared.begin_tag(query)
             if tag is None:
                 return False
@@ -947,7 +955,7 @@ class ClientConnection(protocol.Protocol):
         """The server answered everything we sent and is idle outside a transaction."""
         pool = self.pool
         pool.stats.xact_count += 1
-        if pool.transaction_mode and not self._login_pending:
+        if pool.transaction_mode and not self._login_pending and self.server is server:
             self.server = None
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
@@ -989,7 +997,7 @@ class ClientConnection(protocol.Protocol):
         resets = []
         if server.in_transaction:
             resets.append("ROLLBACK")
-        if not self.pool.transaction_mode:
+        if not self.pool.transaction_mode and self.pool.settings.cleanup_server_connections:
             resets.append("DISCARD ALL")
         if not resets:
             self.pool.checkin(server)

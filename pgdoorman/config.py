@@ -180,7 +180,8 @@ OPTIONS: List[Option] = (
            "idle."),
         _r("server_idle_check_timeout", "duration", "60s",
            "Check a server connection idle for longer than this with "
-           "pooler_check_query before handing it to a client; 0 disables."),
+           "pooler_check_query before handing it to a client; 0 disables.",
+           implemented=False),
         _r("shutdown_timeout", "duration", "10s",
            "On graceful shutdown or binary upgrade, how long to let clients "
            "finish their transactions."),
@@ -220,10 +221,9 @@ OPTIONS: List[Option] = (
         _r("log_client_disconnections", "bool", True,
            "Log every client disconnection."),
         _r("syslog_prog_name", "str", None,
-           "Log to syslog under this program name instead of stdout.",
-           implemented=False),
+           "Log to syslog under this program name instead of stdout."),
         _r("daemon_pid_file", "str", None,
-           "Run as a daemon and write the pid here.", implemented=False),
+           "Run as a daemon and write the pid here."),
         # -- memory and streaming
         _r("message_size_to_be_stream", "size", "1MB",
            "Server messages larger than this are streamed to the client in "
@@ -275,7 +275,7 @@ OPTIONS: List[Option] = (
            "unset means prepared_statements_cache_size."),
         _r("client_anonymous_prepared_cache_size", "int", 256,
            "Per-client LRU of anonymous prepared statements; 0 means "
-           "unbounded."),
+           "unbounded.", implemented=False),
         _r("client_prepared_statements_cache_size", "int", None,
            "Deprecated name of client_anonymous_prepared_cache_size.",
            alias_of="client_anonymous_prepared_cache_size"),
@@ -471,7 +471,6 @@ OPTIONS: List[Option] = (
         _r("enabled", "bool", False, "Serve Prometheus metrics."),
         _r("host", "str", "0.0.0.0", "Address of the /metrics listener."),
         _r("port", "port", 9127, "Port of the /metrics listener."),
-        implemented=False,
     )
 )
 

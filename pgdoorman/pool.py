@@ -168,8 +168,10 @@ class Pool:
 
     def _grow(self) -> None:
         """Open connections for waiting clients, never beyond pool_size."""
+        limit = self.service.config.general.max_concurrent_creates or self.settings.pool_size
         while (len(self.waiting) > self.connecting
-               and len(self.servers) + self.connecting < self.settings.pool_size):
+               and len(self.servers) + self.connecting < self.settings.pool_size
+               and self.connecting < limit):
             self._connect()
 
     def _connect(self) -> defer.Deferred:

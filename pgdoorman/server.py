@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
+from pgdoorman import sockopts
 from pgdoorman import prepared as _prepared
 from pgdoorman import tls as _tls
 from pgdoorman.auth import md5 as _md5
@@ -125,10 +126,7 @@ class ServerConnection(protocol.Protocol):
 
     def connectionMade(self):
         t = self.transport
-        try:
-            t.setTcpNoDelay(True)
-        except Exception:
-            pass
+        sockopts.apply(t, self.pool.service.config.general)
         peer = t.getPeer()
         self.peer = getattr(peer, "host", None) or str(getattr(peer, "name", ""))
         self.send = make_sender(t, self._backlog)
@@ -341,8 +339,12 @@ class ServerConnection(protocol.Protocol):
                         internal.popleft()
                         self._internalDone(entry)
                         swallow = bool(internal) and internal[0].start_at <= self.replies
-                        if not swallow and not internal and self.pending <= 0 and \
-                                not self.in_transaction and not self.dirty and client is not None:
+                        # An internal query after the client's last reply (RESET) is what
+                        # the release waited for; one ahead of the client's (or with no
+                        # client: login, session reset) is followed by more, or by nothing.
+                        if entry.report and not internal and self.pending <= 0 and \
+                                not self.in_transaction and not self.dirty and \
+                                client is not None and self.client is client:
                             self.pending = 0
                             release = True
                     elif code == _E:

@@ -655,8 +655,6 @@ pools:
             "general.worker_threads",
             "general.tokio_event_interval",
             "general.max_memory_usage",
-            "prometheus.enabled",
-            "prometheus.port",
             "pools.db.max_db_connections",
             "pools.db.auth_query",
             "pools.db.auth_query.query",
