@@ -764,7 +764,14 @@ class ClientConnection(protocol.Protocol):
                         self._head = data[pos:]
                         n = pos
                         break
-                    replacement = self._rewrite(code, data, pos, end, server, expect)
+                    try:
+                        replacement = self._rewrite(code, data, pos, end, server, expect)
+                    except (ValueError, IndexError):
+                        # A name without its NUL, a Bind cut short: PostgreSQL would say
+                        # the same and close the connection.
+                        self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                                   "invalid %s message format" % chr(code)))
+                        return
                     if replacement is not None:
                         if out is None:
                             out = []

@@ -250,7 +250,8 @@ def _wrap(text: str, width: int) -> List[str]:
 def _option_lines(opt: Option, indent: str, comments: bool) -> List[str]:
     lines = []
     if comments:
-        lines += ["%s# %s" % (indent, line) for line in _wrap(_notes(opt), max(60, 92 - len(indent)))]
+        width = max(60, 92 - len(indent))
+        lines += ["%s# %s" % (indent, line) for line in _wrap(_notes(opt), width)]
     value = _EXAMPLES.get((opt.section, opt.name), opt.default)
     if (opt.section, opt.name) in _ACTIVE:
         lines.append("%s%s: %s" % (indent, opt.name, _scalar(value)))

@@ -108,10 +108,6 @@ def test_fuzz_startup_auth_and_queries(target):
     run()
 
 
-@pytest.mark.xfail(reason="known: a Parse without its NUL terminator in transaction mode with "
-                          "prepared statements raises ValueError in ClientConnection._rewrite "
-                          "(relay code, reported to its owner); the process survives it",
-                   strict=False)
 def test_fuzz_left_no_unhandled_errors(target):
     log = target.log()
     assert "Unhandled" not in log and "Traceback" not in log, log[-5000:]
