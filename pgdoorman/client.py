@@ -140,10 +140,18 @@ class ClientConnection(protocol.Protocol):
         #: Sync/Query/FunctionCall messages and bytes received from this client, for the stats.
         self.query_count = 0
         self.client_bytes = 0
+        #: set before connectionMade to take over a client from the previous process
+        #: (zero-downtime upgrade, L{pgdoorman.upgrade}) instead of reading a startup packet.
+        self.adopting: Optional[ClientSession] = None
+        #: handed to the next process: its connection closes here without a goodbye.
+        self.migrated = False
 
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self):
+        if self.adopting is not None:
+            self._adopt(self.adopting)
+            return
         t = self.transport
         sockopts.apply(t, self.service.config.general)
         peer = t.getPeer()
@@ -689,6 +697,10 @@ class ClientConnection(protocol.Protocol):
                 # pooler_check_query (";" by default): health checks never take a server.
                 self.send(_EMPTY_QUERY_REPLY)
                 return True
+            # Cheap look at the first bytes before any regex: most queries are not BEGIN.
+            first = query[:1]
+            if not (first in b"bB" or (first in b"sS" and query[:6].lower() == b"start ")):
+                return False
             tag = _prepared.begin_tag(query)
             if tag is None:
                 return False
@@ -966,7 +978,8 @@ class ClientConnection(protocol.Protocol):
             self.server = None
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
-            server.detach_producer()
+            if server.transport.producer is not None:
+                server.transport.unregisterProducer()
             pool.checkin(server)
 
     def serverUnavailable(self, err: errors.PgError) -> None:
@@ -1056,9 +1069,87 @@ class ClientConnection(protocol.Protocol):
             server = self.server
             if server is not None:
                 self._giveBack(server)
-        if self.service.config.general.log_client_disconnections and self.session.user:
+        if self.service.config.general.log_client_disconnections and self.session.user \
+                and not self.migrated:
             self.log.info("client {peer} ({user}@{db}) disconnected", peer=self.peer,
                           user=self.session.user, db=self.session.database)
+
+
+    # -- zero-downtime upgrade (pgdoorman.upgrade) ---------------------------------------------
+
+    def idle_for_migration(self) -> bool:
+        """
+        True when this client can be handed to another process right now: logged in to a pool,
+        holding no server (so not in a transaction, no COPY, no session-mode server), no
+        deferred BEGIN, nothing half-read or queued, nothing left to write, and not TLS (the
+        TLS state lives in this process's OpenSSL objects).  Checked between reactor turns,
+        so what Twisted has read has been processed.
+        """
+        t = self.transport
+        return (self.dataReceived == self._relayData and not self._closed
+                and self.server is None and not self._waiting and not self._login_pending
+                and self._deferred_begin is None and not self._head and not self._remain
+                and not self._queued and not self._buf and not self.tls and not self._paused
+                and not self._terminate and self.cancel_key is not None
+                and t is not None and not getattr(t, "dataBuffer", b"")
+                and not getattr(t, "_tempDataLen", 0) and t.producer is None)
+
+    def export_state(self) -> ClientSession:
+        """The session with everything another process needs to carry on serving the client."""
+        s = self.session
+        s.params = dict(self.params)
+        s.cancel_key = self.cancel_key
+        s.startup_values = dict(self.startup_values)
+        s.prepared = {name: stmt.body for name, stmt in self.prepared.items()}
+        s.scram_client_key = self.pool_key_hint
+        s.query_count = self.query_count
+        s.client_bytes = self.client_bytes
+        return s
+
+    def _adopt(self, s: ClientSession) -> None:
+        """
+        Carry on serving a client the previous process logged in (C{connectionMade} of an
+        adopted socket): same pool, parameters, prepared statements and BackendKeyData; the
+        next bytes on the socket are the client's next message.
+        """
+        self.adopting = None
+        t = self.transport
+        sockopts.apply(t, self.service.config.general)
+        peer = t.getPeer()
+        self.peer = "%s:%s" % (peer.host, peer.port) if hasattr(peer, "port") else str(
+            getattr(peer, "name", "unix"))
+        self.peer_host = getattr(peer, "host", None)
+        s.peer = self.peer
+        self.session = s
+        self.send = make_sender(t, self._backlog)
+        pool = self.service.get_pool(s.database, s.user)
+        if pool is None or s.cancel_key is None:
+            self.dataReceived = self._ignore
+            self._fatal(errors.PgError(
+                errors.ADMIN_SHUTDOWN,
+                'database "%s" or user "%s" is no longer in the configuration'
+                % (s.database, s.user)), "not in the new process's configuration")
+            return
+        self.pool = pool
+        key = s.scram_client_key
+        self.pool_key_hint = key
+        if key is not None and pool.scram_client_key is None:
+            pool.scram_client_key = key
+        pool.clients += 1
+        self._tx = pool.transaction_mode
+        check = self.service.config.general.pooler_check_query.strip().rstrip(";").strip()
+        self._check_query = None if check else \
+            self.service.config.general.pooler_check_query.encode("utf-8")
+        self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
+        self.params = dict(s.params)
+        s.params = self.params
+        self.startup_values = dict(s.startup_values)
+        statements = pool.statements
+        self.prepared = {name: statements.get(body) for name, body in s.prepared.items()}
+        self.query_count = s.query_count
+        self.client_bytes = s.client_bytes
+        self.cancel_key = self.service.adopt_client(self, s.cancel_key)
+        self.dataReceived = self._relayData
 
 
 class ClientFactory(protocol.Factory):
