@@ -72,7 +72,8 @@ _HELP = """
 \tRESUME [<db>]
 \tRECONNECT [<db>]
 \tKILL <db>
-\tSHUTDOWN"""
+\tSHUTDOWN
+\tUPGRADE"""
 
 
 class AdminError(Exception):
@@ -630,6 +631,27 @@ class AdminConsole:
         self.log.info("SHUTDOWN command issued")
         self.top.shutdown()
         return Result("SHUTDOWN")
+
+    def cmd_upgrade(self, arg: str) -> defer.Deferred:
+        """
+        Zero-downtime upgrade (L{pgdoorman.upgrade}): answers once the new process accepts
+        connections, or with the reason it was refused (this process then keeps serving).
+        This console stays on the old process and ends with it.
+        """
+        if arg:
+            raise AdminError("invalid command 'UPGRADE %s', use SHOW HELP;" % arg)
+        self.log.info("UPGRADE command issued")
+
+        def answered(result):
+            ok, message = result
+            if not ok:
+                raise AdminError("UPGRADE failed: %s" % message, CONFIG_FILE_ERROR)
+            return Result("UPGRADE", notices=[_notice(message)])
+
+        d = self.top.upgrade("admin console UPGRADE")
+        d.addCallback(answered)
+        d.addErrback(_as_admin_error)
+        return d
 
     def cmd_suspend(self, arg: str) -> Result:
         raise AdminError("SUSPEND is not supported by pgdoorman; use PAUSE",

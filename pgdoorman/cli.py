@@ -345,6 +345,8 @@ def daemon(config, args) -> int:
               % config.path, file=sys.stderr)
         return 1
     pid_file = os.path.abspath(pid_file)
+    if os.environ.get("PGDOORMAN_UPGRADE_FDS"):
+        return _upgraded_daemon(config, args, pid_file)
     running = _running_pid(pid_file)
     if running:
         print("pgdoorman: already running with pid %d (pid file %s)" % (running, pid_file),
@@ -399,6 +401,29 @@ def daemon(config, args) -> int:
         _remove_pid_file(pid_file)
         os.write(write_end, ("pgdoorman: %s\n" % (e,)).encode())
         os._exit(1)
+    return 0
+
+
+def _upgraded_daemon(config, args, pid_file: str) -> int:
+    """
+    C{pgdoorman -d} started by a running daemon to replace it (zero-downtime upgrade,
+    C{$PGDOORMAN_UPGRADE_FDS}, see L{pgdoorman.upgrade}): it is detached already, so no fork;
+    the pid file becomes ours.
+    """
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    syslog_name = None if log_file else (config.general.syslog_prog_name or "pgdoorman")
+
+    def ready():
+        from twisted.internet import reactor
+        _write_pid_file(pid_file)
+        reactor.addSystemEventTrigger("after", "shutdown", _remove_pid_file, pid_file)
+
+    try:
+        run(config, args.log_level, args.log_format, log_file=log_file,
+            syslog_name=syslog_name, ready=ready)
+    except StartupError as e:
+        print("pgdoorman: %s" % e, file=sys.stderr)
+        return 1
     return 0
 
 

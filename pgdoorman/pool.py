@@ -366,6 +366,9 @@ class PoolService(service.Service):
         self.draining: List[Pool] = []
         self.cancel_keys: Dict[Tuple[int, int], object] = {}
         self.clients: set = set()
+        #: during an upgrade, the new process passes cancels for keys it does not know to
+        #: the old one (L{pgdoorman.upgrade}); returns True when it did.
+        self.forward_cancel = None
         #: ErrorResponses sent to clients, by SQLSTATE (auth failures, timeouts, ...).
         self.errors: Dict[str, int] = {}
         #: databases paused with PAUSE db; C{paused_all} for a plain PAUSE.
@@ -419,6 +422,19 @@ class PoolService(service.Service):
             pool.joined(client)
         return pid, secret
 
+    def adopt_client(self, client, key: Tuple[int, int]) -> Tuple[int, int]:
+        """
+        Register a client taken over from the previous process (zero-downtime upgrade) under
+        the BackendKeyData it already has, so that cancels sent with it reach it here.
+        """
+        key = (int(key[0]), int(key[1]))
+        self.cancel_keys[key] = client
+        self.clients.add(client)
+        pool = getattr(client, "pool", None)
+        if pool is not None:
+            pool.joined(client)
+        return key
+
     def unregister_client(self, client) -> None:
         self.clients.discard(client)
         key = getattr(client, "cancel_key", None)
@@ -432,6 +448,8 @@ class PoolService(service.Service):
         """A CancelRequest arrived: forward it to the server the client is using now."""
         client = self.cancel_keys.get((pid, secret))
         if client is None:
+            if self.forward_cancel is not None and self.forward_cancel(pid, secret):
+                return  # the client is still on the previous process (an upgrade)
             self.log.info("cancel request with unknown key ignored")
             return
         server = client.server

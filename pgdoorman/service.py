@@ -56,16 +56,35 @@ class PgDoormanService(service.MultiService):
         self.pools.setServiceParent(self)
         self.factory = ClientFactory(self.pools)
         g = config.general
-        self.listener = internet.TCPServer(g.port, self.factory, backlog=g.backlog or 1024,
-                                           interface=g.host)
+        from pgdoorman import upgrade
+        #: set when this process replaces a running one (zero-downtime upgrade): the listening
+        #: sockets are inherited, not bound, and clients arrive over a socketpair.
+        self.inherited = upgrade.inherited()
+        listeners = self.inherited.listeners if self.inherited is not None else {}
+        if "listen" in listeners:
+            fd, family = listeners["listen"]
+            self.listener = upgrade.InheritedPort(fd, family, self.factory)
+        else:
+            self.listener = internet.TCPServer(g.port, self.factory, backlog=g.backlog or 1024,
+                                               interface=g.host)
         self.listener.setServiceParent(self)
         self.metrics = None
         if config.prometheus.enabled:
-            from pgdoorman.metrics import make_metrics_service
-            self.metrics = make_metrics_service(self.pools, config.prometheus)
+            from pgdoorman.metrics import make_metrics_service, make_site
+            if "metrics" in listeners:
+                fd, family = listeners["metrics"]
+                self.metrics = upgrade.InheritedPort(fd, family, make_site(self.pools))
+            else:
+                self.metrics = make_metrics_service(self.pools, config.prometheus)
             self.metrics.setServiceParent(self)
         self.shutting_down = False
         self._old_sighup = None
+        self._old_signals: dict = {}
+        #: the upgrade in progress or done (L{pgdoorman.upgrade.Upgrade}), once asked for.
+        self._upgrade = None
+        #: set once the new process accepts: this process only hands clients over.
+        self.upgrading = None
+        self.takeover = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -75,6 +94,12 @@ class PgDoormanService(service.MultiService):
             self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
         except (ValueError, OSError, AttributeError):
             pass  # not the main thread, or no SIGHUP on this platform
+        from pgdoorman import upgrade
+        self._old_signals = upgrade.install_signal_handlers(self)
+        if self.inherited is not None:
+            # Listening on the inherited sockets now: tell the old process, take its clients.
+            self.takeover = upgrade.Takeover(self, self.inherited)
+            self.takeover.start()
 
     def stopService(self):
         if self._old_sighup is not None:
@@ -83,7 +108,27 @@ class PgDoormanService(service.MultiService):
             except (ValueError, OSError):
                 pass
             self._old_sighup = None
+        for sig, handler in self._old_signals.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old_signals = {}
         return service.MultiService.stopService(self)
+
+    # -- zero-downtime upgrade ------------------------------------------------------------------
+
+    def upgrade(self, why: str = "") -> defer.Deferred:
+        """
+        Hand the port and the clients to a new process started from the installed code
+        (L{pgdoorman.upgrade}).  Fires with (ok, message) once the new process accepts
+        connections, or at once with the reason it was refused; this process keeps serving
+        when it is refused.
+        """
+        from pgdoorman import upgrade
+        if self._upgrade is None or self._upgrade.state == "idle":
+            self._upgrade = upgrade.Upgrade(self)
+        return self._upgrade.start(why)
 
     def _sighup(self, signum, frame) -> None:
         reactor.callFromThread(self._reloadFromSignal)
