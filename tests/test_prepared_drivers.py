@@ -141,6 +141,15 @@ def run_threads(fn, clients=CLIENTS, timeout=90):
     return errors
 
 
+def run_async(main, d, timeout=90):
+    """asyncio.run(main()) with a time limit that fails with pgdoorman's log."""
+    try:
+        return asyncio.run(asyncio.wait_for(main(), timeout))
+    except asyncio.TimeoutError:
+        pytest.fail("the clients ran longer than %ss (a hang?)\n-- pgdoorman stderr (tail):\n%s"
+                    % (timeout, log_tail(d)))
+
+
 def values(rnd):
     return rnd.randint(-1000000, 1000000), rnd.randint(-1000000, 1000000)
 
@@ -396,7 +405,7 @@ def test_asyncpg_statement_cache_prepare_executemany_cursor(pg, pgdoorman, new_u
                 for cid, r in enumerate(results) if isinstance(r, BaseException)]
 
     with BackendSampler(pg, user) as sampler:
-        errors = asyncio.run(asyncio.wait_for(main(), 90))
+        errors = run_async(main, d)
         peak = sampler.stop()
     check_errors(errors, d)
     assert pg.psql("SELECT count(*) FROM %s" % table, db=DB).strip() == str(
@@ -480,7 +489,7 @@ def test_sqlalchemy2_asyncpg_core_and_orm(pg, pgdoorman, new_user):
                         for cid, r in enumerate(results) if isinstance(r, BaseException)]
 
     with BackendSampler(pg, user) as sampler:
-        opened, errors = asyncio.run(asyncio.wait_for(main(), 90))
+        opened, errors = run_async(main, d)
         peak = sampler.stop()
     check_errors(errors, d)
     assert opened > POOL_SIZE, "SQLAlchemy opened only %d connections" % opened
@@ -753,11 +762,16 @@ def test_pgbench_prepared_50_clients_pool_5(pg, pgdoorman, new_user, bench_db, t
     script.write_text(TPCB_AUTOCOMMIT)
     env = {"PGPASSWORD": pw, "PATH": "/usr/bin:/bin"}
     with BackendSampler(pg, user) as sampler:
-        out = subprocess.run([PGBENCH, "-n", "-h", d.host, "-p", str(d.port), "-U", user,
-                              "-M", "prepared", "-c", str(clients), "-j", "2", "-T", "10",
-                              "-f", str(script), d.aliases.get(bench_db, bench_db)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                             timeout=90, text=True, cwd="/tmp")
+        try:
+            out = subprocess.run([PGBENCH, "-n", "-h", d.host, "-p", str(d.port), "-U", user,
+                                  "-M", "prepared", "-c", str(clients), "-j", "2", "-T", "10",
+                                  "-f", str(script), d.aliases.get(bench_db, bench_db)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                 timeout=60, text=True, cwd="/tmp")
+        except subprocess.TimeoutExpired as e:
+            pytest.fail("pgbench -T 10 still running after 60s (a hang?); output:\n%s\n"
+                        "-- pgdoorman stderr (tail):\n%s"
+                        % ((e.stdout or b"")[-3000:], log_tail(d)))
         peak = sampler.stop()
     report = "pgbench exit %s:\n%s\n-- pgdoorman stderr (tail):\n%s" % (
         out.returncode, out.stdout[-5000:], log_tail(d))
