@@ -39,8 +39,10 @@ _int32 = struct.Struct("!i")
 
 # Frontend codes by what they mean for the server's state.
 _SYNCS = frozenset((messages.SYNC, messages.QUERY, messages.FUNCTION_CALL))
+# Flush is not among them: drivers (psycopg's pipeline) send it after a Sync too, and on its
+# own it starts nothing on the server that would keep it from going back to the pool.
 _EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.EXECUTE, messages.DESCRIBE,
-                       messages.CLOSE, messages.FLUSH))
+                       messages.CLOSE))
 _TERMINATE = messages.TERMINATE
 _QUERY = messages.QUERY
 _PARSE = messages.PARSE
@@ -128,6 +130,8 @@ class ClientConnection(protocol.Protocol):
         self._hba_rule: Optional[_hba.Rule] = None
         #: client statement name -> L{prepared.Statement}, in transaction mode.
         self.prepared: Dict[bytes, _prepared.Statement] = {}
+        #: the Parse body of the client's unnamed statement (transaction mode).
+        self._unnamed: Optional[bytes] = None
         #: a lone BEGIN answered without a server, sent ahead of the next query.
         self._deferred_begin: Optional[bytes] = None
         #: the client's tracked parameters as its startup packet set them: what RESET
@@ -752,6 +756,8 @@ class ClientConnection(protocol.Protocol):
                 syncs += 1
                 dirty = False
                 if tx:
+                    if code == _QUERY:
+                        server.unnamed = None  # a simple query replaces the unnamed statement
                     if code == _QUERY and data[pos + 5] in _SQL_STATEMENT_FIRST:
                         if end > n:
                             self._head = data[pos:]
@@ -819,7 +825,10 @@ class ClientConnection(protocol.Protocol):
         if code == _PARSE:
             nul = data.index(b"\x00", pos + 5, end)
             if nul == pos + 5:
-                expect.append(_prepared.FORWARD_ENTRY)  # the unnamed statement: as is
+                # The unnamed statement goes as is; remember it, in case the client Binds it
+                # after a Sync, when its server may have gone to another client meanwhile.
+                expect.append(_prepared.FORWARD_ENTRY)
+                self._unnamed = server.unnamed = data[nul + 1:end]
                 return None
             name = data[pos + 5:nul]
             if name in self.prepared:
@@ -830,7 +839,7 @@ class ClientConnection(protocol.Protocol):
             self.prepared[name] = stmt
             if stmt.name in server.statements:
                 self.pool.statements.hits += 1
-                expect.append(_prepared.AS_PARSE_ENTRY)
+                expect.append((_prepared.AS_PARSE, self, name, stmt.name))
                 return _prepared.CLOSE_NOTHING
             self.pool.statements.misses += 1
             prefix = self._remember(server, stmt, expect)
@@ -839,7 +848,8 @@ class ClientConnection(protocol.Protocol):
         if code == _BIND:
             s_start = data.index(b"\x00", pos + 5, end) + 1
             if data[s_start] == 0:
-                return None  # the unnamed statement
+                # The unnamed statement: as is, if this server holds the client's.
+                return self._ensureUnnamed(server, expect, data[pos:end])
             s_end = data.index(b"\x00", s_start, end)
             stmt = self.prepared.get(data[s_start:s_end])
             if stmt is None:
@@ -857,14 +867,29 @@ class ClientConnection(protocol.Protocol):
                 self.prepared.pop(data[pos + 6:end - 1], None)
             return None
         # Describe
-        if kind != _KIND_STATEMENT or end - pos == 7:
+        if kind != _KIND_STATEMENT:
             return None
+        if end - pos == 7:
+            return self._ensureUnnamed(server, expect, data[pos:end])
         stmt = self.prepared.get(data[pos + 6:end - 1])
         if stmt is None:
             return None
         prefix = self._ensure(server, stmt, expect)
         describe = messages.message(b"D", b"S" + stmt.name + b"\x00")
         return prefix + describe if prefix else describe
+
+    def _ensureUnnamed(self, server, expect, message: bytes) -> Optional[bytes]:
+        """
+        Bind/Describe of the unnamed statement: when this server does not hold the client's
+        (its Parse went to another server before a Sync, as pg8000 does), Parse it again
+        first and swallow the ParseComplete.
+        """
+        body = self._unnamed
+        if server.unnamed is body or body is None:
+            return None
+        server.unnamed = body
+        expect.append((_prepared.SWALLOW, None))
+        return b"P" + _uint32.pack(len(body) + 5) + b"\x00" + body + message
 
     def _ensure(self, server, stmt, expect) -> bytes:
         """Bytes to put first so that C{server} holds C{stmt}: an injected Parse, or nothing."""

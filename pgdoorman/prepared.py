@@ -40,13 +40,13 @@ PREFIX = b"DOORMAN_"
 FORWARD = 0       # a reply the client expects: pass it on
 SYNC = 1          # ReadyForQuery of a Sync/Query/FunctionCall
 SWALLOW = 2       # reply to a message the pooler added; (SWALLOW, server_name or None)
-AS_PARSE = 3      # CloseComplete standing in for the ParseComplete of a skipped Parse
+AS_PARSE = 3      # (AS_PARSE, client, client_name, server_name): CloseComplete standing in for
+                  # the ParseComplete of a Parse the server did not need
 PARSED = 4        # (PARSED, client, client_name, server_name): undo both maps on error
 FAKE_ERROR = 5    # (FAKE_ERROR, error bytes): replace the server's error with this one
 
 FORWARD_ENTRY = (FORWARD,)
 SYNC_ENTRY = (SYNC,)
-AS_PARSE_ENTRY = (AS_PARSE,)
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 #: Close of a statement no server has: PostgreSQL answers CloseComplete and does nothing else.

@@ -111,6 +111,9 @@ class ServerConnection(protocol.Protocol):
         self._internal: deque = deque()
         #: replies owed for Parse/Close/Sync messages sent (see L{pgdoorman.prepared}).
         self.expect: deque = deque()
+        #: the Parse body of the unnamed statement this connection holds (the very bytes
+        #: object a client sent, so identity tells whose it is), None after a simple query.
+        self.unnamed: Optional[bytes] = None
         #: statements this connection holds, by server-side name, least recently used first.
         self.statements = _prepared.ServerStatements(
             settings.server_prepared_statements_cache_size or 0)
@@ -356,8 +359,10 @@ class ServerConnection(protocol.Protocol):
                             replace = None
                 elif code == _Z:
                     if expect:
-                        while expect and expect.popleft()[0] != _SYNC:
-                            pass
+                        if expect[0][0] != _SYNC:
+                            self._skipped(expect)
+                        if expect:
+                            expect.popleft()
                     self.pending -= 1
                     self.replies += 1
                     self.in_transaction = data[pos + 5] != _IDLE
@@ -408,28 +413,36 @@ class ServerConnection(protocol.Protocol):
             if client is not None:
                 client.params[name] = value
 
+    def _skipped(self, expect) -> None:
+        """
+        Drop the entries up to the next Sync: PostgreSQL skipped those messages after an error
+        (some may even reach it after the error was sent).  Undo what their Parses were
+        expected to create, for the client and for this server.
+        """
+        while expect and expect[0][0] != _SYNC:
+            entry = expect.popleft()
+            kind = entry[0]
+            if kind == _PARSED or kind == _AS_PARSE:
+                client, name, sname = entry[1], entry[2], entry[3]
+                stmt = client.prepared.get(name)
+                if stmt is not None and stmt.name == sname:
+                    del client.prepared[name]
+                if kind == _PARSED:
+                    self.statements.discard(sname)
+            elif kind == _SWALLOW and entry[1] is not None:
+                self.statements.discard(entry[1])
+
     def _expectError(self, data: bytes, pos: int, end: int, expect) -> Optional[bytes]:
         """
         An ErrorResponse while statement messages are in flight: PostgreSQL now skips to the
         next Sync, so the replies expected before it will never come.  Returns the bytes to
         send instead of the error, or None to send it as is.
         """
-        head = expect[0]
-        kind = head[0]
         replace = None
-        if kind == _FAKE_ERROR:
-            replace = head[1]
-        elif kind == _PARSED:
-            # The client's Parse failed: neither it nor this server has the statement.
-            client, name, sname = head[1], head[2], head[3]
-            stmt = client.prepared.get(name)
-            if stmt is not None and stmt.name == sname:
-                del client.prepared[name]
-            self.statements.discard(sname)
-        elif kind == _SWALLOW and head[1] is not None:
-            self.statements.discard(head[1])
-        while expect and expect[0][0] != _SYNC:
-            expect.popleft()
+        if expect[0][0] == _FAKE_ERROR:
+            replace = expect[0][1]
+        # The failed message and every one after it up to the Sync never happened.
+        self._skipped(expect)
         if replace is None and _prepared.PREFIX in data[pos:end] and self.client is not None:
             # Speak of the client's statement names, never of ours.
             msg = data[pos + 5:end]
@@ -453,11 +466,13 @@ class ServerConnection(protocol.Protocol):
         The caller writes them ahead of the client's own messages, in the same send.
         """
         self._internal.append(_Internal(None, self.replies + self.pending))
+        self.unnamed = None  # a simple query replaces the unnamed statement
         return messages.query(sql)
 
     def prepend_internal_message(self, message: bytes) -> bytes:
         """Like L{prepend_internal} for a ready-made Query message (a deferred BEGIN)."""
         self._internal.append(_Internal(None, self.replies + self.pending))
+        self.unnamed = None
         return message
 
     def append_internal(self, sql: str, after: int) -> bytes:
@@ -466,12 +481,14 @@ class ServerConnection(protocol.Protocol):
         Sync/Query messages, whose ParameterStatus replies the client does see.
         """
         self._internal.append(_Internal(None, self.replies + after, report=True))
+        self.unnamed = None
         return messages.query(sql)
 
     def run_internal(self, sql: str) -> defer.Deferred:
         """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""
         d = defer.Deferred()
         self._internal.append(_Internal(d, self.replies + self.pending))
+        self.unnamed = None
         self.send(messages.query(sql))
         return d
 

@@ -233,9 +233,27 @@ def scenario_transactions(a, b):
     return t
 
 
+def scenario_unnamed_across_sync(a, b):
+    """pg8000 Parses the unnamed statement, Syncs, and Binds it in the next round."""
+    t = []
+    a.send(parse("", "SELECT $1::int + 1 AS a") + describe(b"S", "") + SYNC)
+    t.append(replies(a))
+    b.send(parse("", "SELECT $1::text || $2::text AS b") + describe(b"S", "") + SYNC)
+    t.append(replies(b))
+    a.send(bind("", ["41"]) + execute() + SYNC)
+    t.append(replies(a))
+    b.send(bind("", ["x", "y"]) + execute() + SYNC)
+    t.append(replies(b))
+    a.send(query("SELECT 'simple query in between'"))
+    t.append(replies(a))
+    b.send(bind("", ["again", "!"]) + execute() + SYNC)
+    t.append(replies(b))
+    return t
+
+
 SCENARIOS = [scenario_named_roundtrip, scenario_describe, scenario_duplicate_name,
              scenario_error_mid_pipeline, scenario_flush_without_sync, scenario_close_and_reuse,
-             scenario_sql_deallocate, scenario_transactions]
+             scenario_sql_deallocate, scenario_transactions, scenario_unnamed_across_sync]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__[9:])
