@@ -395,7 +395,14 @@ def test_asyncpg_statement_cache_prepare_executemany_cursor(pg, pgdoorman, new_u
 
     async def main():
         conns = await asyncio.gather(*[asyncpg.connect(url, timeout=30)
-                                       for _ in range(CLIENTS)])
+                                       for _ in range(CLIENTS)], return_exceptions=True)
+        failed = ["client %d: connect: %s: %s" % (cid, type(c).__name__, c)
+                  for cid, c in enumerate(conns) if isinstance(c, BaseException)]
+        if failed:
+            await asyncio.gather(*[c.close(timeout=5) for c in conns
+                                   if not isinstance(c, BaseException)],
+                                 return_exceptions=True)
+            return failed
         try:
             results = await asyncio.gather(*[client(c, cid) for cid, c in enumerate(conns)],
                                            return_exceptions=True)
