@@ -296,7 +296,7 @@ def _close(fd: int) -> None:
         pass
 
 
-# -- the old process ------------------------------------------------------------------------------
+# -- the old process -----------------------------------------------------------------------------
 
 class UpgradeError(Exception):
     """The upgrade cannot go ahead; the message says why, for the operator."""
@@ -610,7 +610,7 @@ def _reap_later(proc: subprocess.Popen, tries: int = 100) -> None:
         reactor.callLater(0.1, _reap_later, proc, tries - 1)
 
 
-# -- the new process --------------------------------------------------------------------------------
+# -- the new process ---------------------------------------------------------------------------
 
 class _AdoptingFactory(protocol.Factory):
     """Builds the client for one adopted socket through the listener's own factory."""

@@ -18,18 +18,23 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import PGBENCH, Background, psql, send_cancel, simple_config, wait_until
-from test_prepared_drivers import TPCB_AUTOCOMMIT, bench_db  # noqa: F401 (a fixture)
+from conftest import PGBENCH, Background, psql, simple_config, wait_until
+from test_prepared_drivers import TPCB_AUTOCOMMIT
+from test_prepared_drivers import bench_db as bench_db_fixture
+
+bench_db = bench_db_fixture  # the fixture, shared with the prepared-statement tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 SHUTDOWN_TIMEOUT = "20s"
+PYPY = os.path.join(REPO, ".venv-pypy", "bin", "python")
+#: The interpreters pgdoorman runs on; the upgrade starts the new process on the same one.
+PYTHONS = [pytest.param(sys.executable, id="cpython"), pytest.param(PYPY, id="pypy")]
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -154,11 +159,18 @@ def tcp_port(conn):
 
 # -- tests -------------------------------------------------------------------------------------
 
+def need_python(python):
+    if not os.path.exists(python):
+        pytest.fail("%s is missing (bench/run.py --pypy creates .venv-pypy)" % python)
+    return [python, "-m", "pgdoorman", "{config}"]
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("python", PYTHONS)
 def test_idle_psycopg_client_moves_with_its_prepared_statements(pg, pgdoorman, new_user,
-                                                                 upgrades):
+                                                                 upgrades, python):
     user, pw = new_user()
-    d = upgrades.follow(pgdoorman(config(pg, user, pw)))
+    d = upgrades.follow(pgdoorman(config(pg, user, pw), argv=need_python(python)))
     with d.connect(user, "db1", pw, prepare_threshold=0) as conn:
         conn.execute("SET application_name = 'moving'")
         assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
@@ -297,11 +309,13 @@ def test_psycopg_cancel_with_old_keys_after_migration(pg, pgdoorman, new_user, u
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("python", PYTHONS)
 def test_long_transaction_finishes_on_the_old_process_then_moves(pg, pgdoorman, new_user,
-                                                                 upgrades):
+                                                                 upgrades, python):
     import psycopg
     user, pw = new_user()
-    d = upgrades.follow(pgdoorman(config(pg, user, pw, pool_size=2)))
+    d = upgrades.follow(pgdoorman(config(pg, user, pw, pool_size=2),
+                                  argv=need_python(python)))
     with d.connect(user, "db1", pw, autocommit=False) as conn, \
             d.connect(user, "db1", pw) as idle:
         port = tcp_port(conn)
