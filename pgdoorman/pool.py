@@ -191,6 +191,9 @@ class Pool:
         self.log.debug("pool {db}/{user}: server {id} connected (backend pid {pid})",
                        db=self.database, user=self.user, id=server.id, pid=server.backend_pid)
         self.checkin(server)
+        # max_concurrent_creates may have held back connections for other waiting clients
+        # (in session mode no checkin would ever start them).
+        self._grow()
 
     def _connectFailed(self, failure) -> None:
         self.connecting -= 1
@@ -254,6 +257,8 @@ class Pool:
             self.service.drained(self)
             return
         s = self.settings
+        if self.waiting and not self.paused:
+            self._grow()  # retry connections that failed while other servers were busy
         timeout = s.query_wait_timeout
         if timeout and not self.paused:
             while self.waiting and now - self.waiting[0].wait_started > timeout:

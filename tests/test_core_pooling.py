@@ -355,3 +355,31 @@ def test_user_level_server_lifetime_overrides_general(pg, pgdoorman, new_user):
         first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         wait_until(lambda: conn.execute("SELECT pg_backend_pid()").fetchone()[0] != first,
                    15, interval=0.5, message="server replaced after its lifetime")
+
+
+def test_session_mode_logins_beyond_max_concurrent_creates(pg, pgdoorman, new_user):
+    """
+    12 clients log in at once in session mode with max_concurrent_creates 2: every one of
+    them gets its own server (connections are opened two at a time, never held back for good).
+    """
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, mode="session", pool_size=12,
+              general={"max_concurrent_creates": 2, "query_wait_timeout": "20s"})
+    pids, errors = [], []
+
+    def work():
+        try:
+            with d.connect(user, "db1", pw, application_name="login-storm") as conn:
+                pids.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+                time.sleep(0.5)  # hold the session so that the others need their own server
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "logins hung"
+    assert errors == []
+    assert len(set(pids)) == 12
