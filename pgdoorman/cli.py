@@ -375,6 +375,8 @@ def daemon(config, args) -> int:
     os.setsid()
     if os.fork():
         os._exit(0)
+    from pgdoorman import upgrade
+    upgrade.start_directory = os.getcwd()  # where a relative path on the command line points
     os.chdir("/")
     try:
         _write_pid_file(pid_file)
@@ -412,6 +414,9 @@ def _upgraded_daemon(config, args, pid_file: str) -> int:
     """
     log_file = os.path.abspath(args.log_file) if args.log_file else None
     syslog_name = None if log_file else (config.general.syslog_prog_name or "pgdoorman")
+    from pgdoorman import upgrade
+    upgrade.start_directory = os.getcwd()  # the old daemon started us there
+    os.chdir("/")
 
     def ready():
         from twisted.internet import reactor

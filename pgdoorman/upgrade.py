@@ -80,6 +80,9 @@ class Inherited:
 
 
 _inherited: Optional[Inherited] = None
+#: The working directory the command line was given in, when the process left it (a daemon
+#: runs in /): the new process starts there, so that relative paths in argv still hold.
+start_directory: Optional[str] = None
 _inherited_read = False
 
 
@@ -348,7 +351,7 @@ class Upgrade:
         from twisted.internet import utils
         argv = ["-m", "pgdoorman", "-t", self.top.config.path]
         d = utils.getProcessOutputAndValue(sys.executable, argv, env=dict(os.environ),
-                                           path=os.getcwd())
+                                           path=start_directory or os.getcwd())
 
         def checked(result):
             out, err, code = result
@@ -379,7 +382,8 @@ class Upgrade:
         env["PGDOORMAN_UPGRADE_PARENT"] = str(os.getpid())
         argv = command_line()
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, close_fds=True)
+            self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, close_fds=True,
+                                         cwd=start_directory or os.getcwd())
         except OSError as e:
             parent.close()
             child.close()
