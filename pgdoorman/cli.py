@@ -303,8 +303,8 @@ def run(config, log_level: str = "info", log_format: str = "text",
     @raise StartupError: the port cannot be bound; nothing keeps running.
     """
     try:
-        from twisted.internet import epollreactor
-        epollreactor.install()
+        from pgdoorman import reactor as _reactor
+        _reactor.install()
     except Exception:
         pass  # already installed, or not Linux: the default reactor will do
     from twisted.internet import error, reactor

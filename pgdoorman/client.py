@@ -56,6 +56,9 @@ _SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
 _IN_TRANSACTION_REPLY = messages.ready_for_query(b"T")
 _IDLE_REPLY = messages.ready_for_query(b"I")
 _EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
+#: First bytes of a simple query that the pooler may answer alone (BEGIN, START TRANSACTION,
+#: the ";" check query); COMMIT/ROLLBACK only matter after a deferred BEGIN.
+_MAYBE_ALONE = frozenset(b"bBsS;")
 
 #: Virtual databases of the admin console.
 ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
@@ -685,7 +688,9 @@ class ClientConnection(protocol.Protocol):
             if self._queued_len > MAX_QUEUED:
                 self._pauseReading()
             return
-        if self._tx and data[0] == _QUERY and not self._head and not self._remain and \
+        if self._tx and data[0] == _QUERY and (data[5] in _MAYBE_ALONE or
+                                               self._deferred_begin is not None) \
+                and not self._head and not self._remain and \
                 len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
             return
         self._queued.append(data)
@@ -728,11 +733,24 @@ class ClientConnection(protocol.Protocol):
         entry on the server's C{expect} queue.
         """
         server = self.server
-        self.client_bytes += len(data)
+        n = len(data)
+        self.client_bytes += n
+        if out is None and not self._head and not self._remain and data[0] == _QUERY and \
+                n == 1 + _unpack_len(data, 1)[0] and n > 5 and \
+                data[5] not in _SQL_STATEMENT_FIRST and n <= MAX_MESSAGE:
+            # The common case, one whole simple Query: no loop, nothing to rewrite.
+            server.pending += 1
+            server.dirty = self._dirty = False
+            if self._ps:
+                server.expect.append(_prepared.SYNC_ENTRY)
+                server.unnamed = None
+            self.query_count += 1
+            server.send(data)
+            return
         if self._head:
             data = self._head + data
             self._head = b""
-        n = len(data)
+            n = len(data)
         pos = self._remain
         syncs = 0
         dirty = self._dirty
