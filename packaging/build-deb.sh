@@ -35,6 +35,7 @@ tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     | tar -xf - -C "$src"
 cp -r packaging/debian "$src/debian"
 cp packaging/pgdoorman.service "$src/debian/pgdoorman.service"
+cp packaging/patroni_proxy.service "$src/debian/pgdoorman.patroni_proxy.service"
 cp packaging/pgdoorman.logrotate "$src/debian/pgdoorman.logrotate"
 # The version has one home, pgdoorman/__init__.py; the changelog is written from it.
 cat > "$src/debian/changelog" <<EOF
