@@ -322,17 +322,21 @@ OPTIONS: List[Option] = (
            "may override single entries."),
         # -- Patroni-assisted fallback
         _r("patroni_api_urls", "str_list", None,
-           "Patroni REST API endpoints used to find a fallback server.",
-           implemented=False),
+           "Patroni REST API URLs asked (all at once) for GET /cluster when "
+           "a pool's own server refuses connections; unset disables the "
+           "fallback (see docs/fallback.md)."),
         _r("patroni_api_timeout", "duration", None,
-           "HTTP timeout for Patroni API requests.", implemented=False),
+           "Timeout of each GET /cluster request (unset: 5s)."),
         _r("fallback_cooldown", "duration", None,
-           "How long to stay on a fallback server.", implemented=False),
+           "After the own server refused a connection, new connections go to "
+           "a fallback member for this long before it is tried again "
+           "(unset: 30s)."),
         _r("fallback_connect_timeout", "duration", None,
-           "Connect timeout for fallback candidates.", implemented=False),
+           "Login deadline on each fallback candidate, and the base of a "
+           "failed candidate's skip period (unset: 5s)."),
         _r("fallback_lifetime", "duration", None,
-           "Lifetime of connections to a fallback server.",
-           implemented=False),
+           "Lifetime of server connections opened on a fallback member "
+           "(unset: fallback_cooldown)."),
     )
     + _opts(
         "pool",
@@ -394,15 +398,15 @@ OPTIONS: List[Option] = (
         _r("startup_parameters", "str_map", {},
            "Merged over general.startup_parameters for this pool."),
         _r("patroni_api_urls", "str_list", None,
-           "Overrides general.patroni_api_urls.", implemented=False),
+           "Overrides general.patroni_api_urls."),
         _r("patroni_api_timeout", "duration", None,
-           "Overrides general.patroni_api_timeout.", implemented=False),
+           "Overrides general.patroni_api_timeout."),
         _r("fallback_cooldown", "duration", None,
-           "Overrides general.fallback_cooldown.", implemented=False),
+           "Overrides general.fallback_cooldown."),
         _r("fallback_connect_timeout", "duration", None,
-           "Overrides general.fallback_connect_timeout.", implemented=False),
+           "Overrides general.fallback_connect_timeout."),
         _r("fallback_lifetime", "duration", None,
-           "Overrides general.fallback_lifetime.", implemented=False),
+           "Overrides general.fallback_lifetime."),
         _r("auth_query", "auth_query", None,
            "Look up passwords of users not listed in users with a query.",
            implemented=False),

@@ -24,6 +24,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgdoorman.fallback import Fallback
 from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
 from pgdoorman.server import connect_server
@@ -89,6 +90,8 @@ class Pool:
         self.statements = StatementCache(settings.prepared_statements_cache_size or 0)
         #: totals at the last two stats periods, for SHOW STATS averages.
         self.older = self.newer = Snapshot()
+        #: Patroni-assisted fallback (pgdoorman.fallback), idle unless patroni_api_urls is set.
+        self.fallback = Fallback(self)
 
     # -- clients asking for and giving back servers -----------------------------------------
 
@@ -176,7 +179,7 @@ class Pool:
 
     def _connect(self) -> defer.Deferred:
         self.connecting += 1
-        d = connect_server(self, self.settings)
+        d = self.fallback.connect() or connect_server(self, self.settings)
         d.addCallbacks(self._connected, self._connectFailed)
         return d
 
