@@ -1,15 +1,16 @@
 """
-The deb and rpm packages (issue 8).
+The deb and rpm packages (issue 8), with patroni_proxy's unit, config and man page (issue 9).
 
 The quick checks (build both, look inside, lintian, rpm -qpl/-qpR, systemd-analyze verify, the
-shipped config passes -t) run in the default suite when the build tools are there or can be
+shipped configs pass -t) run in the default suite when the build tools are there or can be
 installed.  The operator's proof -- install the .deb into a fresh debootstrap'ed Debian 12,
-run it from the unit's ExecStart, reload it, purge it -- takes several minutes and runs with
+run pgdoorman and patroni_proxy from their units' ExecStart, reload them, purge it -- takes several minutes and runs with
 `make test-packages` (PGDOORMAN_PACKAGE_TESTS=1).
 """
 
 import configparser
 import glob
+import gzip
 import os
 import shlex
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -25,6 +27,20 @@ from conftest import REPO, doorman_env, psql, simple_config, wait_port, wait_unt
 from pgcluster import free_port
 
 from pgdoorman import __version__
+
+# patroni_proxy (issue 9) ships in the same packages as pgdoorman.
+PP_FILES = ("usr/bin/patroni_proxy", "etc/pgdoorman/patroni_proxy.yaml",
+            "lib/systemd/system/patroni_proxy.service", "usr/share/man/man1/patroni_proxy.1.gz",
+            "usr/share/doc/pgdoorman/patroni_proxy.md",
+            "usr/lib/python3/dist-packages/pgdoorman/patroni/cli.py",
+            "usr/lib/python3/dist-packages/twisted/plugins/patroni_proxy_plugin.py")
+# What both units share: pgdoorman.service's hardening.
+HARDENING = ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+             "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+             "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+             "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
+             "RestrictSUIDSGID", "LockPersonality", "SystemCallArchitectures",
+             "CapabilityBoundingSet", "UMask")
 
 DEB = os.path.join(REPO, "dist", "pgdoorman_%s_all.deb" % __version__)
 RPM = os.path.join(REPO, "dist", "pgdoorman-%s-1.noarch.rpm" % __version__)
@@ -89,16 +105,24 @@ def test_deb_contents(deb, deb_tree):
               "usr/lib/python3/dist-packages/pgdoorman/cli.py",
               "usr/lib/python3/dist-packages/twisted/plugins/pgdoorman_plugin.py"):
         assert os.path.exists(os.path.join(deb_tree, f)), f
-    if os.path.exists(os.path.join(REPO, "pgdoorman", "patroni", "cli.py")):
-        assert os.path.exists(os.path.join(deb_tree, "usr/bin/patroni_proxy"))
+    listing = subprocess.run(["dpkg-deb", "-c", path], stdout=subprocess.PIPE, check=True,
+                             text=True).stdout
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for f in PP_FILES:
+        assert "/" + f in paths, f
     conffiles = subprocess.run(["dpkg-deb", "-I", path, "conffiles"], stdout=subprocess.PIPE,
                                text=True).stdout
     assert "/etc/pgdoorman/pgdoorman.yaml" in conffiles.split()
+    assert "/etc/pgdoorman/patroni_proxy.yaml" in conffiles.split()
     postinst = subprocess.run(["dpkg-deb", "-I", path, "postinst"], stdout=subprocess.PIPE,
                               text=True).stdout
     assert "/var/log/pgdoorman" in postinst and "postgres" in postinst
     # Not started on the placeholder config: no "deb-systemd-invoke start" in postinst.
     assert "deb-systemd-invoke start" not in postinst
+    # Both units are known to deb-systemd-helper but not enabled (dh_installsystemd
+    # --no-enable: enabled again on upgrade only if the operator had enabled it).
+    for unit in ("pgdoorman.service", "patroni_proxy.service"):
+        assert "deb-systemd-helper debian-installed '%s'" % unit in postinst, postinst
 
 
 @pytest.mark.timeout(900)
@@ -109,6 +133,8 @@ def test_deb_lintian_has_no_errors(deb):
                          stderr=subprocess.STDOUT, text=True)
     assert out.returncode == 0, out.stdout
     assert not [line for line in out.stdout.splitlines() if line.startswith("E:")], out.stdout
+    # Every command has its man page (patroni_proxy(1) included).
+    assert "no-manual-page" not in out.stdout, out.stdout
 
 
 def test_shipped_config_passes_check(deb_tree):
@@ -120,11 +146,41 @@ def test_shipped_config_passes_check(deb_tree):
     assert "not implemented" not in out.stdout
 
 
-def _unit(deb_tree):
+def test_shipped_patroni_proxy_config_passes_check(deb_tree):
+    path = os.path.join(deb_tree, "etc/pgdoorman/patroni_proxy.yaml")
+    out = subprocess.run([sys.executable, "-m", "pgdoorman.patroni.cli", "-t", path],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=doorman_env(),
+                         text=True)
+    assert out.returncode == 0 and "is valid" in out.stdout, out.stdout
+    # An example, not an exposure: everything listens on loopback until the operator says so.
+    from pgdoorman.patroni import config as pconfig
+    config = pconfig.load(path)
+    assert config.listen_host == "127.0.0.1"
+    ports = [port for cluster in config.clusters.values() for port in cluster.ports.values()]
+    assert ports and {port.listen_host for port in ports} == {"127.0.0.1"}
+
+
+def _unit(deb_tree, name="pgdoorman"):
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str
-    parser.read(os.path.join(deb_tree, "lib/systemd/system/pgdoorman.service"))
+    parser.read(os.path.join(deb_tree, "lib/systemd/system/%s.service" % name))
     return parser
+
+
+def _verify_unit(deb_tree, tmp_path, name):
+    """systemd-analyze verify, with ExecStart's program (which must exist) a stand-in."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    stand_in = tmp_path / name
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    with open(os.path.join(deb_tree, "lib/systemd/system/%s.service" % name)) as f:
+        text = f.read().replace("/usr/bin/%s" % name, str(stand_in))
+    copy = tmp_path / ("%s.service" % name)
+    copy.write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout
 
 
 def test_unit_file(deb_tree, tmp_path):
@@ -134,19 +190,26 @@ def test_unit_file(deb_tree, tmp_path):
     assert unit["Restart"] == "on-failure" and unit["LimitNOFILE"] == "65536"
     assert unit["User"] == "postgres"
     assert unit["NoNewPrivileges"] == "yes" and unit["ProtectSystem"] == "full"
-    if not shutil.which("systemd-analyze"):
-        pytest.skip("systemd-analyze is not installed")
-    # verify checks that ExecStart's program exists: point it at a stand-in.
-    stand_in = tmp_path / "pgdoorman"
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
-    with open(os.path.join(deb_tree, "lib/systemd/system/pgdoorman.service")) as f:
-        text = f.read().replace("/usr/bin/pgdoorman", str(stand_in))
-    copy = tmp_path / "pgdoorman.service"
-    copy.write_text(text)
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert out.returncode == 0 and not out.stdout.strip(), out.stdout
+    _verify_unit(deb_tree, tmp_path, "pgdoorman")
+
+
+def test_patroni_proxy_unit_file(deb_tree, tmp_path):
+    parsed = _unit(deb_tree, "patroni_proxy")
+    unit = parsed["Service"]
+    # patroni_proxy sends no sd_notify READY=1 (only pgdoorman does, pgdoorman/systemd.py).
+    assert unit["Type"] == "simple"
+    env = dict(kv.split("=", 1) for kv in shlex.split(unit["Environment"]))
+    assert env["PATRONI_PROXY_CONFIG"] == "/etc/pgdoorman/patroni_proxy.yaml"
+    assert unit["ExecStartPre"] == "/usr/bin/patroni_proxy -t ${PATRONI_PROXY_CONFIG}"
+    assert unit["ExecStart"] == "/usr/bin/patroni_proxy ${PATRONI_PROXY_CONFIG}"
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["Restart"] == "on-failure" and unit["User"] == "postgres"
+    assert "man:patroni_proxy(1)" in parsed["Unit"]["Documentation"]
+    assert parsed["Install"]["WantedBy"] == "multi-user.target"
+    pgdoorman = _unit(deb_tree)["Service"]
+    for key in HARDENING:
+        assert unit.get(key) == pgdoorman[key], key
+    _verify_unit(deb_tree, tmp_path, "patroni_proxy")
 
 
 def test_man_page_renders(deb_tree):
@@ -161,6 +224,20 @@ def test_man_page_renders(deb_tree):
         assert word in out.stdout.replace("\u2010", "-"), word
 
 
+def test_patroni_proxy_man_page_renders(deb_tree):
+    if not shutil.which("man"):
+        pytest.skip("man is not installed")
+    out = subprocess.run(["man", "--warnings", "-l",
+                          os.path.join(deb_tree, "usr/share/man/man1/patroni_proxy.1.gz")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING=""))
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    text = " ".join(out.stdout.replace("\u2010", "-").split())  # undo wrapping and justifying
+    for word in ("patroni_proxy", "--test", "SIGHUP", "EXIT STATUS", "/update_clusters",
+                 "/etc/pgdoorman/patroni_proxy.yaml", "systemctl reload patroni_proxy"):
+        assert word in text, word
+
+
 # -- the .rpm -------------------------------------------------------------------------------
 
 @pytest.mark.timeout(600)
@@ -170,7 +247,10 @@ def test_rpm_files_and_requires(rpm):
     for f in ("/usr/bin/pgdoorman", "/etc/pgdoorman/pgdoorman.yaml",
               "/usr/lib/systemd/system/pgdoorman.service", "/etc/logrotate.d/pgdoorman",
               "/usr/share/man/man1/pgdoorman.1", "/var/log/pgdoorman",
-              "/usr/share/doc/pgdoorman/configuration.md"):
+              "/usr/share/doc/pgdoorman/configuration.md",
+              "/usr/bin/patroni_proxy", "/etc/pgdoorman/patroni_proxy.yaml",
+              "/usr/lib/systemd/system/patroni_proxy.service",
+              "/usr/share/man/man1/patroni_proxy.1", "/usr/share/doc/pgdoorman/patroni_proxy.md"):
         assert f in files, f
     assert any(f.endswith("/site-packages/pgdoorman/cli.py") for f in files)
     requires = subprocess.run(["rpm", "-qpR", rpm], stdout=subprocess.PIPE, check=True,
@@ -184,6 +264,7 @@ def test_rpm_files_and_requires(rpm):
     config = subprocess.run(["rpm", "-qpc", rpm], stdout=subprocess.PIPE, check=True,
                             text=True).stdout.split()
     assert "/etc/pgdoorman/pgdoorman.yaml" in config
+    assert "/etc/pgdoorman/patroni_proxy.yaml" in config
 
 
 def _cpio_newc(data):
@@ -207,9 +288,18 @@ def test_rpm_ships_the_same_unit_and_config(rpm, deb_tree):
     files = _cpio_newc(archive)
     for rpm_path, deb_path in (("usr/lib/systemd/system/pgdoorman.service",
                                 "lib/systemd/system/pgdoorman.service"),
-                               ("etc/pgdoorman/pgdoorman.yaml", "etc/pgdoorman/pgdoorman.yaml")):
+                               ("etc/pgdoorman/pgdoorman.yaml", "etc/pgdoorman/pgdoorman.yaml"),
+                               ("usr/lib/systemd/system/patroni_proxy.service",
+                                "lib/systemd/system/patroni_proxy.service"),
+                               ("etc/pgdoorman/patroni_proxy.yaml",
+                                "etc/pgdoorman/patroni_proxy.yaml"),
+                               ("usr/share/doc/pgdoorman/patroni_proxy.md",
+                                "usr/share/doc/pgdoorman/patroni_proxy.md")):
         with open(os.path.join(deb_tree, deb_path), "rb") as f:
             assert files[rpm_path] == f.read(), rpm_path
+    # The man page: compressed in the .deb (dh_compress), left to the rpm's brp scripts.
+    with gzip.open(os.path.join(deb_tree, "usr/share/man/man1/patroni_proxy.1.gz")) as f:
+        assert files["usr/share/man/man1/patroni_proxy.1"] == f.read()
 
 
 # -- the operator's proof: a fresh Debian 12 ------------------------------------------------
