@@ -437,13 +437,18 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
     assert proc.returncode == 0, log_path.read_text()
     shutil.copy2(str(tmp_path / "packaged.yaml"), root.file(config_path))
 
-    # remove keeps the conffile, purge removes it and everything postinst made.
+    _run_patroni_proxy(root, tmp_path)
+
+    # remove keeps the conffiles, purge removes them and everything postinst made.
     root.run("apt-get remove -y -q pgdoorman")
     assert not os.path.exists(root.file("/usr/bin/pgdoorman"))
+    assert not os.path.exists(root.file("/usr/bin/patroni_proxy"))
     assert os.path.exists(root.file("/etc/pgdoorman/pgdoorman.yaml"))
+    assert os.path.exists(root.file("/etc/pgdoorman/patroni_proxy.yaml"))
     root.run("apt-get purge -y -q pgdoorman")
     left = [p for p in ("/etc/pgdoorman", "/var/log/pgdoorman", "/run/pgdoorman",
                         "/lib/systemd/system/pgdoorman.service", "/etc/logrotate.d/pgdoorman",
+                        "/lib/systemd/system/patroni_proxy.service",
                         "/usr/lib/python3/dist-packages/pgdoorman")
             if os.path.exists(root.file(p))]
     assert left == [], left
@@ -451,3 +456,69 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
     assert leftovers == [], leftovers
     out = root.run("dpkg -l pgdoorman", check=False)
     assert "ii" not in out.stdout
+
+
+def _http_get(port, path):
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
+        return r.status, r.read()
+
+
+def _run_patroni_proxy(root, tmp_path):
+    """patroni_proxy from the installed package: the shipped config passes -t, the unit is
+    installed but not enabled, and the unit's ExecStartPre and ExecStart run as postgres
+    (Patroni's API is down here: the proxy serves its HTTP API, closes clients at once, adds
+    a port on SIGHUP and stops cleanly on SIGTERM)."""
+    out = root.run("patroni_proxy --version")
+    assert out.stdout.strip() == "patroni_proxy (pgdoorman) %s" % __version__
+    out = root.run("patroni_proxy -t /etc/pgdoorman/patroni_proxy.yaml")
+    assert "is valid" in out.stdout, out.stdout
+    root.run("test -f /usr/share/man/man1/patroni_proxy.1.gz")
+    assert os.path.exists(root.file("/lib/systemd/system/patroni_proxy.service"))
+    assert not glob.glob(root.file("/etc/systemd/system/*.wants/patroni_proxy.service"))
+
+    unit = _unit(root.path, "patroni_proxy")["Service"]
+    env = dict(kv.split("=", 1) for kv in shlex.split(unit["Environment"]))
+    assert env["PATRONI_PROXY_CONFIG"] == "/etc/pgdoorman/patroni_proxy.yaml"
+    api, master, replicas, dead = free_port(), free_port(), free_port(), free_port()
+    text = ('cluster_update_interval: 1\nlisten_address: "127.0.0.1:%d"\nclusters:\n'
+            '  main:\n    hosts: ["http://127.0.0.1:%d"]\n    ports:\n'
+            '      master: {listen: "127.0.0.1:%d", roles: ["leader"], host_port: 5432}\n'
+            % (api, dead, master))
+    config_path = "/tmp/patroni_proxy.yaml"
+    with open(root.file(config_path), "w") as f:
+        f.write(text)
+    os.chmod(root.file(config_path), 0o644)
+
+    def command(key):
+        return shlex.split(unit[key].replace("${PATRONI_PROXY_CONFIG}", config_path))
+
+    root.run(" ".join(map(shlex.quote, command("ExecStartPre"))), user="postgres")
+    log_path = tmp_path / "patroni_proxy.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["chroot", "--userspec=postgres:postgres", root.path, "/usr/bin/env", "-i",
+             "PATH=/usr/bin:/bin", "PATRONI_PROXY_CONFIG=%s" % config_path]
+            + command("ExecStart"), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(api, proc, log_path.read_text)
+        status, body = _http_get(api, "/")
+        assert status == 200 and body.strip() == b"OK", body
+        wait_port(master, proc, log_path.read_text)
+        # No member known: the client is closed at once, not left hanging.
+        with socket.create_connection(("127.0.0.1", master), timeout=10) as s:
+            assert s.recv(1) == b""
+        # systemctl reload = SIGHUP: a port added to the file starts listening.
+        with open(root.file(config_path), "a") as f:
+            f.write('      replicas: {listen: "127.0.0.1:%d", roles: ["sync", "async"], '
+                    'host_port: 5432}\n' % replicas)
+        proc.send_signal(signal.SIGHUP)
+        wait_port(replicas, proc, log_path.read_text)
+        assert b"replicas" in _http_get(api, "/status")[1]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, log_path.read_text()
