@@ -688,8 +688,8 @@ class ClientConnection(protocol.Protocol):
             if self._queued_len > MAX_QUEUED:
                 self._pauseReading()
             return
-        if self._tx and data[0] == _QUERY and (data[5] in _MAYBE_ALONE or
-                                               self._deferred_begin is not None) \
+        if self._tx and len(data) > 5 and data[0] == _QUERY and \
+                (data[5] in _MAYBE_ALONE or self._deferred_begin is not None) \
                 and not self._head and not self._remain and \
                 len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
             return
@@ -735,9 +735,9 @@ class ClientConnection(protocol.Protocol):
         server = self.server
         n = len(data)
         self.client_bytes += n
-        if out is None and not self._head and not self._remain and data[0] == _QUERY and \
-                n == 1 + _unpack_len(data, 1)[0] and n > 5 and \
-                data[5] not in _SQL_STATEMENT_FIRST and n <= MAX_MESSAGE:
+        if out is None and n > 5 and not self._head and not self._remain and \
+                data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
+                data[5] not in _SQL_STATEMENT_FIRST:
             # The common case, one whole simple Query: no loop, nothing to rewrite.
             server.pending += 1
             server.dirty = self._dirty = False
@@ -776,7 +776,10 @@ class ClientConnection(protocol.Protocol):
                 if tx:
                     if code == _QUERY:
                         server.unnamed = None  # a simple query replaces the unnamed statement
-                    if code == _QUERY and data[pos + 5] in _SQL_STATEMENT_FIRST:
+                    if code == _QUERY and (pos + 5 >= n or
+                                           data[pos + 5] in _SQL_STATEMENT_FIRST):
+                        # Its text may be DEALLOCATE/DISCARD/RESET: wait for all of it (or,
+                        # with only the header here, for its first letter).
                         if end > n:
                             self._head = data[pos:]
                             n = pos

@@ -220,3 +220,38 @@ def test_still_serving_after_fuzz(d):
     with d.connect(USER, "db1", PW) as conn:
         assert conn.execute("SELECT 'alive'").fetchone() == ("alive",)
     assert d.alive()
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+def test_messages_split_into_single_bytes(d, mode):
+    """
+    A client (or a network) that delivers messages a byte at a time: headers cut before their
+    length, bodies cut anywhere.  Answers must be the same, and nothing is logged as an error.
+    """
+    before = d.log()
+    raw = RawClient(d.port).startup(USER, "db1", PW)
+    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mode == "simple":
+        data = message(b"Q", b"SELECT 40 + 2\x00")
+    else:
+        data = (message(b"P", b"s1\x00SELECT $1::int * 2\x00\x00\x00")
+                + message(b"B", b"\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x0221\x00\x00")
+                + message(b"E", b"\x00\x00\x00\x00\x00") + message(b"S"))
+    for _ in range(3):
+        for i in range(len(data)):
+            raw.send(data[i:i + 1])
+            time.sleep(0.001)
+        kinds, rows = [], []
+        while True:
+            kind, payload = raw.recv_msg()
+            kinds.append(kind)
+            if kind == b"D":
+                rows.append(payload[6:])
+            if kind == b"Z":
+                break
+        assert rows == [b"42"], kinds
+        if mode == "extended":
+            data = data[data.index(b"B"):]  # s1 exists now: Bind/Execute/Sync only
+    raw.terminate()
+    after = d.log()[len(before):]
+    assert "Traceback" not in after and "Unhandled" not in after, after
