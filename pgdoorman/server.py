@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 from twisted.internet import defer, protocol, reactor
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pgdoorman import params as _params
 from pgdoorman import sockopts
@@ -510,10 +511,35 @@ class ServerConnection(protocol.Protocol):
         f = protocol.ClientFactory()
         f.noisy = False
         payload = messages.cancel_request(self.backend_pid, self.backend_secret)
+        server_factory = getattr(self, "factory", None)
+        tls = getattr(server_factory, "tls", None) if self.tls else None
+        strict = getattr(server_factory, "tls_mode", None) in ("require", "verify-ca",
+                                                               "verify-full")
+        log, peer = self.log, self.peer
 
         class _Cancel(protocol.Protocol):
             def connectionMade(self):
-                self.transport.write(payload)
+                if tls is None:
+                    self.transport.write(payload)
+                else:
+                    # This server was reached over TLS: so is its CancelRequest (PostgreSQL
+                    # reads one after an SSLRequest, as libpq 17's PQcancelCreate sends it).
+                    self.transport.write(_SSL_REQUEST)
+
+            def dataReceived(self, data):
+                if tls is None:
+                    return
+                answer = data[:1]
+                if answer == b"S" and len(data) == 1:
+                    self.transport.startTLS(tls)
+                    self.transport.write(payload)
+                elif answer == b"N" and not strict:
+                    self.transport.write(payload)
+                else:
+                    log.warn("server {peer}: cancel request not sent, TLS answer {answer!r}",
+                             peer=peer, answer=data[:16])
+                    self.transport.loseConnection()
+                self.dataReceived = lambda data: None
 
         f.protocol = _Cancel
         connect(s.server_host, s.server_port, f, s.connect_timeout)
@@ -582,22 +608,57 @@ def connect_server(pool, settings) -> defer.Deferred:
     """
     Open and log in one server connection; fires with the L{ServerConnection}.
 
-    The whole login, not only the TCP connect, must finish within connect_timeout.
+    The whole login, not only the TCP connect, must finish within connect_timeout.  With
+    server_tls_mode C{allow} (as libpq's sslmode=allow), a plaintext login that PostgreSQL
+    refuses with 28000 (its pg_hba wants TLS) is tried once more over TLS.
     """
-    f = ServerConnectionFactory(pool, settings)
     try:
-        f.tls_mode, f.tls = _server_tls(pool, settings)
+        mode, tls = _server_tls(pool, settings)
     except (_tls.TLSConfigError, OSError) as e:
-        return defer.fail(errors.PgError(errors.CANNOT_CONNECT_NOW,
-                                         "pgdoorman cannot set up TLS to server %s:%s: %s"
-                                         % (settings.server_host, settings.server_port, e)))
-    connector = connect(settings.server_host, settings.server_port, f, settings.connect_timeout)
-    d = f.ready
+        return defer.fail(_tlsSetupError(settings, e))
+    d = defer.Deferred()
+    current = []  # the connector of the attempt under way
+
+    def attempt(tls_factory):
+        f = ServerConnectionFactory(pool, settings)
+        f.tls_mode, f.tls = mode, tls_factory
+        current[:] = [connect(settings.server_host, settings.server_port, f,
+                              settings.connect_timeout)]
+        return f.ready
+
+    def retry(failure):
+        err = failure.value
+        if (mode != "allow" or tls is not None or d.called or settings.server_host.startswith("/")
+                or not isinstance(err, errors.PgError)
+                or err.sqlstate != errors.INVALID_AUTHORIZATION):
+            return failure
+        try:
+            retry_tls = _server_tls_factory(pool, settings)
+        except (_tls.TLSConfigError, OSError) as e:
+            raise _tlsSetupError(settings, e)
+        ServerConnection.log.info(
+            "server {host}:{port} refused a plaintext login ({error}); retrying with TLS "
+            "(server_tls_mode allow)", host=settings.server_host, port=settings.server_port,
+            error=err.text)
+        return attempt(retry_tls)
+
+    def deliver(result):
+        if d.called:
+            if isinstance(result, ServerConnection):
+                result.close()
+        elif isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+    first = attempt(tls)
+    first.addErrback(retry)
+    first.addBoth(deliver)
     timeout = settings.connect_timeout
     if timeout:
         def expire():
             if not d.called:
-                connector.disconnect()
+                current[0].disconnect()
                 if not d.called:
                     d.errback(errors.PgError(
                         errors.CANNOT_CONNECT_NOW,
@@ -613,22 +674,36 @@ def connect_server(pool, settings) -> defer.Deferred:
     return d
 
 
+def _tlsSetupError(settings, e) -> errors.PgError:
+    return errors.PgError(errors.CANNOT_CONNECT_NOW,
+                          "pgdoorman cannot set up TLS to server %s:%s: %s"
+                          % (settings.server_host, settings.server_port, e))
+
+
 _SSL_REQUEST = struct.pack("!ii", 8, messages.SSL_REQUEST_CODE)
 
 
 def _server_tls(pool, settings):
     """
     (server_tls_mode, context factory or None) for a new server connection.  C{disable}
-    and C{allow} connect in the clear (C{allow} would retry with TLS only after a refusal,
-    which PostgreSQL's pg_hba expresses as an error we do not retry), as do Unix sockets.
+    and C{allow} connect in the clear (C{allow} retries over TLS after a pg_hba refusal,
+    see L{connect_server}), as do Unix sockets.
     """
-    config = pool.service.config
-    general = config.general
-    chosen = _tls.server_settings(general, config.pools.get(settings.pool_name))
-    mode = chosen["server_tls_mode"] or "disable"
+    mode = _server_tls_settings(pool, settings)["server_tls_mode"] or "disable"
     if mode in ("disable", "allow") or settings.server_host.startswith("/"):
         return mode, None
-    return mode, _tls.server_tls.factory(general, chosen, settings.server_host)
+    return mode, _server_tls_factory(pool, settings)
+
+
+def _server_tls_settings(pool, settings):
+    config = pool.service.config
+    return _tls.server_settings(config.general, config.pools.get(settings.pool_name))
+
+
+def _server_tls_factory(pool, settings):
+    """The TLS context factory for this server (C{allow}'s retry checks no certificate)."""
+    return _tls.server_tls.factory(pool.service.config.general,
+                                   _server_tls_settings(pool, settings), settings.server_host)
 
 
 def _is_md5(s: str) -> bool:

@@ -290,9 +290,110 @@ def test_server_tls_modes(tls_pg, pki, pgdoorman, mode):
 def test_server_tls_off_modes_meet_hostssl_rules(tls_pg, pki, pgdoorman, mode):
     import psycopg
     d = pgdoorman(tls_config(tls_pg, pki, general={"server_tls_mode": mode}))
+    if mode == "allow":
+        # As libpq's sslmode=allow: the plaintext login gets 28000 from the hostnossl reject
+        # rule, so pgdoorman logs in again over TLS.
+        assert ssl_in_use_query(d, sslmode="disable") == (True, False)
+        with d.connect("tls_u", "tlsdb", "tls-secret", sslmode="disable") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert d.alive()
+        return
     with pytest.raises(psycopg.OperationalError) as info:
         d.connect("tls_u", "tlsdb", "tls-secret", sslmode="disable")
     assert "no encryption" in str(info.value) or "rejects" in str(info.value)
+
+
+def test_server_tls_allow_retries_once(tls_pg, pki, pgdoorman):
+    import psycopg
+    # One retry only: the plaintext 28000 leads to a TLS login, whose 28P01 (a wrong server
+    # password) is reported as it is.
+    d = pgdoorman(tls_config(tls_pg, pki, general={"server_tls_mode": "allow"},
+                             server_password="wrong"))
+    with pytest.raises(psycopg.OperationalError) as info:
+        d.connect("tls_u", "tlsdb", "tls-secret", sslmode="disable")
+    assert "password authentication failed" in str(info.value)
+    assert d.alive()
+
+
+class _FirstBytesProxy:
+    """A TCP relay in front of PostgreSQL that records each connection's first 8 bytes."""
+
+    def __init__(self, port):
+        import threading
+        self.target = port
+        self.first = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            head = b""
+            while len(head) < 8:
+                chunk = a.recv(8 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+            self.first.append(head)
+            b.sendall(head)
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["require", "allow"])
+def test_cancel_to_tls_server_goes_over_tls(tls_pg, pki, pgdoorman, mode):
+    """The CancelRequest to a TLS server connection starts with an SSLRequest too."""
+    import psycopg
+    proxy = _FirstBytesProxy(tls_pg.port)
+    try:
+        d = pgdoorman(tls_config(tls_pg, pki, general={"server_tls_mode": mode},
+                                 pool={"server_port": proxy.port}))
+        with d.connect("tls_u", "tlsdb", "tls-secret", sslmode="disable") as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                                ).fetchone() == (True,)
+            seen = len(proxy.first)
+            slow = Background(conn.execute, "SELECT pg_sleep(20)")
+            time.sleep(1.0)
+            conn.cancel()
+            err = slow.error(15)
+            assert isinstance(err, psycopg.errors.QueryCanceled)
+            assert slow.elapsed < 10
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        later = proxy.first[seen:]
+        # No plaintext CancelRequest reached PostgreSQL; the cancel connection asked for TLS
+        # (new pool connections in allow mode start with a plaintext startup packet instead).
+        assert struct.pack("!II", 16, 80877102) not in later, later
+        assert SSL_REQUEST in later, later
+    finally:
+        proxy.close()
 
 
 def test_server_tls_verification_failures(tls_pg, pki, pgdoorman):
