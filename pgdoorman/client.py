@@ -35,6 +35,7 @@ from pgdoorman.session import ClientSession
 
 _uint32 = struct.Struct("!I")
 _unpack_len = _uint32.unpack_from
+_monotonic = time.monotonic
 _int32 = struct.Struct("!i")
 
 # Frontend codes by what they mean for the server's state.
@@ -559,17 +560,8 @@ class ClientConnection(protocol.Protocol):
             AdminSession(self)
             return
         self.dataReceived = self._queueData
-        pool = self.pool = self.service.get_pool(s.database, s.user)
-        key = self.pool_key_hint
-        if key is not None and pool.scram_client_key is None:
-            pool.scram_client_key = key
-        pool.clients += 1
-        self._tx = pool.transaction_mode
-        check = self.service.config.general.pooler_check_query.strip().rstrip(";").strip()
-        # Only an empty check query (";") has an answer we can give without PostgreSQL.
-        self._check_query = None if check else \
-            self.service.config.general.pooler_check_query.encode("utf-8")
-        self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
+        pool = self.service.get_pool(s.database, s.user)
+        self._joinPool(pool, self.pool_key_hint)
         wanted: Dict[str, str] = {}
         startup = dict(s.startup)
         startup.update(_params.parse_options(startup.get("options", "")))
@@ -586,6 +578,22 @@ class ClientConnection(protocol.Protocol):
             self.params = self._paramsFromDefaults()
             self.startup_values = {k: self.params[k] for k in wanted}
             self._finishLogin()
+
+    def _joinPool(self, pool, scram_client_key: Optional[bytes]) -> None:
+        """
+        Become one of C{pool}'s clients, after a login or when adopted from an older process:
+        the pool's mode decides how the relay treats this client.
+        """
+        self.pool = pool
+        if scram_client_key is not None and pool.scram_client_key is None:
+            pool.scram_client_key = scram_client_key
+        pool.clients += 1
+        self._tx = pool.transaction_mode
+        self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
+        general = self.service.config.general
+        # Only an empty check query (";") has an answer we can give without PostgreSQL.
+        check = general.pooler_check_query.strip().rstrip(";").strip()
+        self._check_query = None if check else general.pooler_check_query.encode("utf-8")
 
     def _needsServerForParams(self) -> bool:
         """
@@ -693,10 +701,59 @@ class ClientConnection(protocol.Protocol):
                 and not self._head and not self._remain and \
                 len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
             return
+        if self._ps and data[0] == _PARSE and not self._head and not self._remain and \
+                self._answerParses(data):
+            return
         self._queued.append(data)
         self._queued_len = len(data)
         self._waiting = True
         self.pool.checkout(self)
+
+    def _answerParses(self, data: bytes) -> bool:
+        """
+        Named Parses and a Sync, nothing else (libpq's PQprepare), of statements that some
+        server has already parsed: remember them and answer ParseComplete and ReadyForQuery
+        without a server; they are Parsed on a server before their first Bind, as always.
+        Without this, pgbench -M prepared deadlocks on a small pool: PQprepare blocks its
+        thread while the thread's other clients hold every server inside BEGIN...END.
+        """
+        n = len(data)
+        pos = 0
+        found = []
+        names = set()
+        known = self.pool.statements.statements
+        while True:
+            if n - pos < 5:
+                return False
+            code = data[pos]
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            if end > n or end < pos + 5:
+                return False
+            if code == messages.SYNC:
+                if end != n or not found:
+                    return False
+                break
+            if code != _PARSE:
+                return False
+            nul = data.find(b"\x00", pos + 5, end)
+            if nul <= pos + 5:
+                return False  # the unnamed statement, or malformed: the usual path
+            name = data[pos + 5:nul]
+            if name in self.prepared or name in names:
+                return False  # 42P05: PostgreSQL must say it, in order
+            stmt = known.get(_prepared.server_name(data[nul + 1:end]))
+            if stmt is None or not stmt.parsed:
+                return False
+            names.add(name)
+            found.append((name, stmt))
+            pos = end
+        for name, stmt in found:
+            self.prepared[name] = stmt
+        self.pool.statements.hits += len(found)
+        self.query_count += 1
+        status = b"T" if self._deferred_begin is not None else b"I"
+        self.send(_prepared.PARSE_COMPLETE * len(found) + messages.ready_for_query(status))
+        return True
 
     def _answerAlone(self, data: bytes) -> bool:
         """Answer a lone BEGIN, or COMMIT/ROLLBACK after one, without a server."""
@@ -739,6 +796,8 @@ class ClientConnection(protocol.Protocol):
                 data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
                 data[5] not in _SQL_STATEMENT_FIRST:
             # The common case, one whole simple Query: no loop, nothing to rewrite.
+            if not server.pending:
+                server.query_start = _monotonic()
             server.pending += 1
             server.dirty = self._dirty = False
             if self._ps:
@@ -826,6 +885,8 @@ class ClientConnection(protocol.Protocol):
             pos = end
         self._remain = pos - n if pos > n else 0
         self._dirty = dirty
+        if syncs and not server.pending:
+            server.query_start = _monotonic()
         server.pending += syncs
         self.query_count += syncs
         server.dirty = dirty
@@ -864,7 +925,7 @@ class ClientConnection(protocol.Protocol):
                 return _prepared.CLOSE_NOTHING
             self.pool.statements.misses += 1
             prefix = self._remember(server, stmt, expect)
-            expect.append((_prepared.PARSED, self, name, stmt.name))
+            expect.append((_prepared.PARSED, self, name, stmt.name, stmt))
             return prefix + stmt.parse if prefix else stmt.parse
         if code == _BIND:
             s_start = data.index(b"\x00", pos + 5, end) + 1
@@ -918,7 +979,7 @@ class ClientConnection(protocol.Protocol):
             return b""
         self.pool.statements.misses += 1
         prefix = self._remember(server, stmt, expect)
-        expect.append((_prepared.SWALLOW, stmt.name))
+        expect.append((_prepared.SWALLOW, stmt.name, stmt))
         return prefix + stmt.parse if prefix else stmt.parse
 
     def _remember(self, server, stmt, expect) -> bytes:
@@ -1176,17 +1237,8 @@ class ClientConnection(protocol.Protocol):
                 'database "%s" or user "%s" is no longer in the configuration'
                 % (s.database, s.user)), "not in the new process's configuration")
             return
-        self.pool = pool
-        key = s.scram_client_key
-        self.pool_key_hint = key
-        if key is not None and pool.scram_client_key is None:
-            pool.scram_client_key = key
-        pool.clients += 1
-        self._tx = pool.transaction_mode
-        check = self.service.config.general.pooler_check_query.strip().rstrip(";").strip()
-        self._check_query = None if check else \
-            self.service.config.general.pooler_check_query.encode("utf-8")
-        self._ps = self._tx and bool(pool.settings.prepared_statements_cache_size)
+        self.pool_key_hint = s.scram_client_key
+        self._joinPool(pool, s.scram_client_key)
         self.params = dict(s.params)
         s.params = self.params
         self.startup_values = dict(s.startup_values)

@@ -88,6 +88,13 @@ class PoolCollector:
         xact_hist = HistogramMetricFamily("pg_doorman_pools_transaction_duration_seconds",
                                           "Transaction duration (server checkout to release, "
                                           "transaction mode)", labels=du)
+        query_hist = HistogramMetricFamily("pg_doorman_pools_query_duration_seconds",
+                                           "Query duration (sent to ReadyForQuery; in a "
+                                           "pipeline, from the previous reply)", labels=du)
+        query_pct = GaugeMetricFamily("pg_doorman_pools_queries_percentile",
+                                      "Query duration percentiles in milliseconds "
+                                      "(estimated from the histogram)",
+                                      labels=du + ["percentile"])
         wait_hist = HistogramMetricFamily("pg_doorman_pools_wait_duration_seconds",
                                           "Time clients waited for a server", labels=du)
         xact_pct = GaugeMetricFamily("pg_doorman_pools_transactions_percentile",
@@ -139,7 +146,9 @@ class PoolCollector:
             nbytes.add_metric(lv + ["sent"], sent)
             xact_hist.add_metric(lv, st.xact_hist.cumulative(), st.xact_hist.sum)
             wait_hist.add_metric(lv, st.wait_hist.cumulative(), st.wait_hist.sum)
+            query_hist.add_metric(lv, st.query_hist.cumulative(), st.query_hist.sum)
             for name, q_ in _PERCENTILES:
+                query_pct.add_metric(lv + [name], st.query_hist.quantile(q_) * 1000.0)
                 xact_pct.add_metric(lv + [name], st.xact_hist.quantile(q_) * 1000.0)
                 wait_pct.add_metric(lv + [name], st.wait_hist.quantile(q_) * 1000.0)
             ps = pool.statements
@@ -151,7 +160,8 @@ class PoolCollector:
             connect_errors.add_metric(lv, st.server_connect_errors)
             timeouts.add_metric(lv, st.wait_timeouts)
         yield from (clients, servers, size, paused, maxwait, avg_wait, xacts, queries, xact_time,
-                    nbytes, xact_hist, wait_hist, xact_pct, wait_pct, hits, misses, evictions,
+                    nbytes, xact_hist, wait_hist, xact_pct, wait_pct, query_hist, query_pct,
+                    hits, misses, evictions,
                     cached, connects, connect_errors, timeouts)
 
         conn = GaugeMetricFamily("pg_doorman_connection_count",

@@ -336,7 +336,7 @@ class Pool:
         return Snapshot(server_assignment_count=st.server_assignment_count,
                         xact_count=st.xact_count, query_count=queries,
                         client_bytes=received, server_bytes=sent,
-                        xact_time=xact_us, query_time=xact_us,
+                        xact_time=xact_us, query_time=int(st.query_time * 1e6),
                         wait_time=int(st.wait_time * 1e6),
                         client_parse_count=statements.hits + statements.misses,
                         server_parse_count=statements.misses, bind_count=0,

@@ -39,10 +39,10 @@ PREFIX = b"DOORMAN_"
 # Expect entry kinds (first element of each entry tuple).
 FORWARD = 0       # a reply the client expects: pass it on
 SYNC = 1          # ReadyForQuery of a Sync/Query/FunctionCall
-SWALLOW = 2       # reply to a message the pooler added; (SWALLOW, server_name or None)
+SWALLOW = 2       # reply to a message the pooler added; (SWALLOW, server_name or None[, stmt])
 AS_PARSE = 3      # (AS_PARSE, client, client_name, server_name): CloseComplete standing in for
                   # the ParseComplete of a Parse the server did not need
-PARSED = 4        # (PARSED, client, client_name, server_name): undo both maps on error
+PARSED = 4        # (PARSED, client, client_name, server_name, stmt): undo both maps on error
 FAKE_ERROR = 5    # (FAKE_ERROR, error bytes): replace the server's error with this one
 
 FORWARD_ENTRY = (FORWARD,)
@@ -59,11 +59,14 @@ PARSE_FAILING = messages.message(b"P", PREFIX + b"ERROR\x00DOORMAN_ERROR\x00\x00
 class Statement:
     """One prepared statement: its server-side name and the Parse payload after the name."""
 
-    __slots__ = ("name", "body", "parse")
+    __slots__ = ("name", "body", "parse", "parsed")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name
         self.body = body
+        #: some server answered a Parse of it with ParseComplete: the text is valid, so a
+        #: client's Parse of it can be answered without a server (see ClientConnection).
+        self.parsed = False
         #: The whole Parse message under the server-side name, built once.
         self.parse = b"P" + _uint32.pack(len(name) + 1 + len(body) + 4) + name + b"\x00" + body
 

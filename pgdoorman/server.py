@@ -32,6 +32,7 @@ from pgdoorman.sendnow import make_sender
 
 _uint32 = struct.Struct("!I")
 _unpack_len = _uint32.unpack_from
+_monotonic = time.monotonic
 
 _Z = messages.READY_FOR_QUERY
 _S = messages.PARAMETER_STATUS
@@ -95,6 +96,8 @@ class ServerConnection(protocol.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.pending = 0
+        #: when the query being answered was sent (or the previous reply came, in a pipeline).
+        self.query_start = 0.0
         #: ReadyForQuery messages of the client's own seen so far; orders internal queries.
         self.replies = 0
         self.dirty = False
@@ -367,6 +370,14 @@ class ServerConnection(protocol.Protocol):
                     self.pending -= 1
                     self.replies += 1
                     self.in_transaction = data[pos + 5] != _IDLE
+                    # Query latency: from the query's send (or the previous reply, in a
+                    # pipeline) to its ReadyForQuery; one clock read per query.
+                    now = _monotonic()
+                    took = now - self.query_start
+                    self.query_start = now
+                    st = self.pool.stats
+                    st.query_time += took
+                    st.query_hist.observe(took)
                     if internal:
                         swallow = internal[0].start_at <= self.replies
                     elif self.pending <= 0 and not self.in_transaction and not self.dirty:
@@ -378,11 +389,16 @@ class ServerConnection(protocol.Protocol):
                     if expect:
                         replace = self._expectError(data, pos, end, expect)
                 elif expect:  # ParseComplete or CloseComplete
-                    kind = expect.popleft()[0]
+                    entry = expect.popleft()
+                    kind = entry[0]
                     if kind == _SWALLOW:
                         replace = b""
+                        if len(entry) > 2:
+                            entry[2].parsed = True
                     elif kind == _AS_PARSE:
                         replace = _PARSE_COMPLETE
+                    elif kind == _PARSED:
+                        entry[4].parsed = True
                 if replace is not None:
                     if out is None:
                         out = []

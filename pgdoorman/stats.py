@@ -1,8 +1,9 @@
 """
 Statistics the pools keep for SHOW STATS and /metrics, at the cost of a few integer increments.
 
-Nothing here runs per message.  L{Histogram} is observed once per transaction (its duration)
-and once per checkout (the wait for a server); it is a list of ints and a bisect, and is turned
+Nothing here runs per message.  L{Histogram} is observed once per query (at its
+ReadyForQuery), once per transaction (its duration) and once per checkout (the wait for a
+server); it is a list of ints and a bisect, and is turned
 into a Prometheus histogram or percentiles only when someone asks (a scrape, SHOW POOLS).
 """
 
@@ -95,7 +96,8 @@ class PoolStats:
     __slots__ = ("xact_count", "query_count", "wait_count", "wait_time", "max_wait",
                  "server_connects", "server_connect_errors", "wait_timeouts",
                  "server_assignment_count", "xact_time", "client_connect_count",
-                 "client_bytes", "server_bytes", "xact_hist", "wait_hist")
+                 "client_bytes", "server_bytes", "xact_hist", "wait_hist", "query_time",
+                 "query_hist")
 
     def __init__(self):
         self.xact_count = 0
@@ -115,6 +117,9 @@ class PoolStats:
         self.server_bytes = 0
         self.xact_hist = Histogram()
         self.wait_hist = Histogram()
+        #: from a query's send (or the previous reply, in a pipeline) to its ReadyForQuery.
+        self.query_time = 0.0
+        self.query_hist = Histogram()
 
 
 #: Fields of a L{Snapshot}, in PgBouncer's SHOW STATS order.

@@ -78,6 +78,13 @@ def test_metrics_move_with_traffic(metered):
                      le="+Inf", **lv) == count
         assert value(during, "pg_doorman_pools_transactions_percentile",
                      percentile="99", **lv) > 0
+        queries = value(during, "pg_doorman_pools_query_duration_seconds_count", **lv)
+        assert queries >= 20
+        assert value(during, "pg_doorman_pools_query_duration_seconds_bucket",
+                     le="+Inf", **lv) == queries
+        assert value(during, "pg_doorman_pools_query_duration_seconds_sum", **lv) > 0
+        assert value(during, "pg_doorman_pools_queries_percentile",
+                     percentile="99", **lv) > 0
         assert value(during, "pg_doorman_connection_count", type="client") == 1
         for _ in range(10):
             conn.execute("SELECT 1")

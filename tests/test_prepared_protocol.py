@@ -251,9 +251,32 @@ def scenario_unnamed_across_sync(a, b):
     return t
 
 
+def scenario_prepare_only(a, b):
+    """libpq's PQprepare: Parse + Sync, then the statement is used later."""
+    t = []
+    a.send(parse("p1", "SELECT $1::int * 3 AS tripled") + SYNC)
+    t.append(replies(a))
+    b.send(query("BEGIN"))
+    t.append(replies(b))
+    b.send(parse("p1", "SELECT $1::int * 3 AS tripled") + SYNC)  # known: no server needed
+    t.append(replies(b))
+    b.send(parse("p2", "SELECT 'two'") + SYNC)  # new text: a server parses it
+    t.append(replies(b))
+    b.send(bind("p1", ["14"]) + describe(b"P", "") + execute() + SYNC)
+    t.append(replies(b))
+    b.send(query("COMMIT"))
+    t.append(replies(b))
+    b.send(parse("p1", "SELECT 'dup'") + SYNC)  # 42P05 still comes, in order
+    t.append(replies(b))
+    a.send(bind("p1", ["2"]) + execute() + SYNC)
+    t.append(replies(a))
+    return t
+
+
 SCENARIOS = [scenario_named_roundtrip, scenario_describe, scenario_duplicate_name,
              scenario_error_mid_pipeline, scenario_flush_without_sync, scenario_close_and_reuse,
-             scenario_sql_deallocate, scenario_transactions, scenario_unnamed_across_sync]
+             scenario_sql_deallocate, scenario_transactions, scenario_unnamed_across_sync,
+             scenario_prepare_only]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__[9:])
