@@ -34,7 +34,7 @@ from pgcluster import PG_BIN, PgCluster, free_port  # noqa: E402
 PGBENCH = os.path.join(PG_BIN, "pgbench")
 PGBOUNCER = "/usr/sbin/pgbouncer"
 PYPY_VENV = os.path.join(ROOT, ".venv-pypy")
-PYPY_DEPS = ["twisted", "pyopenssl", "service-identity", "pyyaml", "xxhash",
+PYPY_DEPS = ["twisted", "pyopenssl", "service-identity", "pyyaml", "xxhash", "python-pam", "pyjwt",
              "prometheus-client", "cryptography<44", "six", "tomli"]
 
 BENCH_USER = "bench"

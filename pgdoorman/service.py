@@ -9,7 +9,9 @@ config file and reopens log files, SHUTDOWN drains and exits.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Tuple
 
 from twisted.application import internet, service
@@ -138,6 +140,31 @@ class PgDoormanService(service.MultiService):
                       path=self.config.path)
         reopen_logs()
         self.reload_config()
+        self._upgradeIfInstalledChanged()
+
+    def _upgradeIfInstalledChanged(self) -> None:
+        """
+        After a package upgrade, `systemctl reload` (SIGHUP) should also bring in the new code:
+        ask the installed code for its version (in a subprocess, without blocking the reactor)
+        and hand over to a new process when it differs from the one running.
+        """
+        from twisted.internet import utils
+
+        from pgdoorman import __version__
+
+        def compare(output: bytes) -> None:
+            installed = output.decode("utf-8", "replace").strip().split()[-1:] or [""]
+            if installed[0] and installed[0] != __version__:
+                self.log.info("installed pgdoorman is {new}, running {old}: upgrading",
+                              new=installed[0], old=__version__)
+                self.upgrade("installed version %s differs from running %s"
+                             % (installed[0], __version__))
+
+        d = utils.getProcessOutput(sys.executable, ["-m", "pgdoorman", "--version"],
+                                   env=dict(os.environ), errortoo=True)
+        d.addCallbacks(compare, lambda f: self.log.warn(
+            "could not ask the installed pgdoorman for its version: {why}",
+            why=f.getErrorMessage()))
 
     # -- reload -------------------------------------------------------------------------------
 

@@ -381,3 +381,33 @@ def test_new_process_crashing_at_start_leaves_the_old_in_charge(pg, pgdoorman, n
         with d.connect(user, "db1", pw) as other:
             assert other.execute("SELECT 3").fetchone() == (3,)
         assert d.proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_sighup_after_a_package_upgrade_hands_over(pg, pgdoorman, new_user, upgrades, tmp_path):
+    """
+    `apt-get install --only-upgrade pgdoorman` then `systemctl reload pgdoorman` (SIGHUP): the
+    config is reloaded, and because the installed code now has another version, a new process
+    takes over; an idle client keeps its TCP connection and its prepared statement.  A SIGHUP
+    with unchanged code only reloads.
+    """
+    import psycopg
+    user, pw = new_user()
+    code = copy_tree(tmp_path)
+    d = upgrades.follow(start_from(pgdoorman, config(pg, user, pw), code))
+    conn = psycopg.connect(d.dsn(user, "db1", pw), autocommit=True, prepare_threshold=0)
+    try:
+        assert conn.execute("SELECT %s::int + 1", (1,)).fetchone() == (2,)
+        port = tcp_port(conn)
+        pid = d.pid
+        os.kill(pid, signal.SIGHUP)  # same code: a reload only
+        time.sleep(3)
+        assert upgrades.started(d) == [] and d.pid == pid
+        set_version(code, "9.9.9-from-sighup")
+        upgrades.signal(d, signal.SIGHUP)
+        upgrades.wait_old_gone(d)
+        assert admin(d, "SHOW VERSION").strip() == "pgdoorman 9.9.9-from-sighup"
+        assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
+        assert tcp_port(conn) == port
+    finally:
+        conn.close()

@@ -26,6 +26,7 @@ need() {  # need PACKAGE: queue a Debian package unless it is installed
 }
 
 need golang-go
+need pypy3
 need golang-github-jackc-pgx-v4-dev
 need libpostgresql-jdbc-java
 command -v javac >/dev/null 2>&1 || need default-jdk-headless
@@ -55,5 +56,13 @@ if ! "$VENV/bin/python" -c 'import asyncpg, greenlet, pg8000, psycopg, pytest, s
 sys.exit(int(sqlalchemy.__version__.split(".")[0]) < 2)' 2>/dev/null; then
     echo "test-deps: pip install the Python drivers into $VENV"
     "$VENV/bin/python" -m pip install -q asyncpg pg8000 'sqlalchemy[asyncio]>=2' 'psycopg[binary]' pytest
+fi
+# PyPy 3.9 (Debian's pypy3): the upgrade and patroni_proxy tests run pgdoorman on it too; the
+# same venv serves `bench/run.py --pypy`.  cryptography<44 is the last with PyPy 3.9 wheels.
+if ! .venv-pypy/bin/python -c 'import twisted, yaml, xxhash, prometheus_client, OpenSSL, service_identity, jwt, pam, tomli' 2>/dev/null; then
+    echo "test-deps: creating .venv-pypy"
+    [ -x .venv-pypy/bin/python ] || pypy3 -m venv .venv-pypy
+    .venv-pypy/bin/python -m pip install -q twisted pyopenssl service-identity pyyaml xxhash \
+        prometheus-client "cryptography<44" six python-pam pyjwt tomli
 fi
 echo "test-deps: ok"
