@@ -20,7 +20,12 @@ from pgcluster import PgCluster  # noqa: E402
 PORT = int(os.environ.get("PGDOORMAN_PORT", "6432"))
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # clean up the same way for SIGTERM as for Ctrl-C
+
+
 def main():
+    signal.signal(signal.SIGTERM, _terminate)
     cluster = PgCluster().init().start()
     try:
         cluster.create_user("app", "app")
