@@ -53,6 +53,15 @@ class EPollReactor(epollreactor.EPollReactor):
 
     doIteration = doPoll
 
+    def stop(self):
+        """
+        Stop once: a second SIGTERM during shutdown (systemd, `timeout`) must not log a
+        ReactorNotRunning traceback as CRITICAL, as the stock reactor does.
+        """
+        if self._stopped:
+            return
+        epollreactor.EPollReactor.stop(self)
+
 
 def install() -> bool:
     """Install this reactor (True) or, on an untested Twisted, the stock epoll one (False)."""

@@ -245,6 +245,8 @@ class PgDoormanService(service.MultiService):
 
 
 def _stopReactor() -> None:
+    if not reactor.running or getattr(reactor, "_stopped", False):
+        return
     try:
         reactor.stop()
     except Exception:
