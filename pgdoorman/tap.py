@@ -22,22 +22,37 @@ def default_config_path() -> str:
     return os.environ.get("CONFIG_FILE") or DEFAULT_CONFIG
 
 
-class Options(usage.Options):
+class ConfigFileOptions(usage.Options):
+    """
+    twistd options of a program that runs from one config file (pgdoorman, patroni_proxy):
+    C{-c FILE}, else a default path; the file is loaded here so that a bad config stops
+    twistd with the loader's message.  Subclasses name the program, its loader module and
+    its default path.
+    """
+
     synopsis = "[-c CONFIG_FILE]"
-    longdesc = ("Run the pgdoorman PostgreSQL connection pooler. CONFIG_FILE defaults to "
-                "$CONFIG_FILE, then %s." % DEFAULT_CONFIG)
     optParameters = [["config", "c", None, "Configuration file (.yaml, .yml or .toml)."]]
+    program = "pgdoorman"
+    config_module = _config
+
+    def default_path(self) -> str:
+        return default_config_path()
 
     def opt_version(self):
-        print("pgdoorman %s" % __version__)
+        print("%s %s" % (self.program, __version__))
         raise SystemExit(0)
 
     def postOptions(self):
-        path = self["config"] or default_config_path()
+        path = self["config"] or self.default_path()
         try:
-            self["loaded"] = _config.load(path)
-        except _config.ConfigError as e:
+            self["loaded"] = self.config_module.load(path)
+        except self.config_module.ConfigError as e:
             raise usage.UsageError(str(e))
+
+
+class Options(ConfigFileOptions):
+    longdesc = ("Run the pgdoorman PostgreSQL connection pooler. CONFIG_FILE defaults to "
+                "$CONFIG_FILE, then %s." % DEFAULT_CONFIG)
 
 
 def build_service(config):

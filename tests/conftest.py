@@ -483,6 +483,24 @@ def wait_until(predicate, timeout=10.0, interval=0.1, message="condition"):
     pytest.fail("%s not reached within %ss (last value %r)" % (message, timeout, last))
 
 
+def wait_for(predicate, timeout, what, interval=0.1):
+    """
+    Like L{wait_until}, for predicates that may raise while the system settles (a member
+    restarting, a port not yet open): errors are retried, and the last one is reported.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last = e
+        time.sleep(interval)
+    raise AssertionError("%s within %ss (last error: %r)" % (what, timeout, last))
+
+
 # -- a raw protocol client ------------------------------------------------------------------
 
 PROTOCOL_3 = 196608

@@ -339,7 +339,8 @@ def bench_db(pg):
 def pgbench(d, db, args, timeout=120):
     env = {"PGPASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"}
     out = subprocess.run([PGBENCH, "-n", "-h", d.host, "-p", str(d.port), "-U", USER] + args
-                         + [d.aliases.get(db, db)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                         + [d.aliases.get(db, db)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env=env,
                          timeout=timeout, text=True, cwd="/tmp")
     return out
 

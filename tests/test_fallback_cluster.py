@@ -21,23 +21,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import patronicluster  # noqa: E402
+from conftest import wait_for  # noqa: E402
 
 COOLDOWN = 3.0
 LIFETIME = 3.0
 
 
-def wait_for(predicate, timeout, what, interval=0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as e:  # noqa: BLE001 - reported on timeout
-            last = e
-        time.sleep(interval)
-    raise AssertionError("%s within %ss (last: %r)" % (what, timeout, last))
 
 
 @pytest.fixture(scope="module")

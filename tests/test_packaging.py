@@ -4,7 +4,8 @@ The deb and rpm packages (issue 8), with patroni_proxy's unit, config and man pa
 The quick checks (build both, look inside, lintian, rpm -qpl/-qpR, systemd-analyze verify, the
 shipped configs pass -t) run in the default suite when the build tools are there or can be
 installed.  The operator's proof -- install the .deb into a fresh debootstrap'ed Debian 12,
-run pgdoorman and patroni_proxy from their units' ExecStart, reload them, purge it -- takes several minutes and runs with
+run pgdoorman and patroni_proxy from their units' ExecStart, reload them, purge it -- takes
+several minutes and runs with
 `make test-packages` (PGDOORMAN_PACKAGE_TESTS=1).
 """
 

@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import patronicluster  # noqa: E402
+from conftest import wait_for  # noqa: E402
 
 INTERVAL = 1.0          # cluster_update_interval of the proxy under test
 MARGIN = 4.0            # seconds allowed beyond one interval for Patroni and PostgreSQL
@@ -47,18 +48,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as e:  # noqa: BLE001 - reported on timeout
-            last = e
-        time.sleep(interval)
-    raise AssertionError("%s within %ss (last error: %r)" % (what, timeout, last))
 
 
 # -- broken REST APIs -------------------------------------------------------------------------
