@@ -45,6 +45,8 @@ _SYNCS = frozenset((messages.SYNC, messages.QUERY, messages.FUNCTION_CALL))
 _EXTENDED = frozenset((messages.PARSE, messages.BIND, messages.EXECUTE, messages.DESCRIBE,
                        messages.CLOSE))
 _TERMINATE = messages.TERMINATE
+# Valid messages that need nothing from the scan: COPY data from the client, and Flush.
+_COPY = frozenset((messages.COPY_DATA, messages.COPY_DONE, messages.COPY_FAIL, messages.FLUSH))
 _QUERY = messages.QUERY
 _PARSE = messages.PARSE
 _BIND = messages.BIND
@@ -882,6 +884,12 @@ class ClientConnection(protocol.Protocol):
                 self._head = b""
                 self._terminate = True
                 break
+            elif code not in _COPY:
+                # PostgreSQL would end this connection at the message; sent on, it would end a
+                # server that may by then belong to another client.
+                self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "invalid frontend message type %d" % code))
+                return
             pos = end
         self._remain = pos - n if pos > n else 0
         self._dirty = dirty
