@@ -331,7 +331,7 @@ class AdminConsole:
         t = client.transport
         addr, port = _addr(t.getPeer())
         laddr, lport = _addr(t.getHost())
-        waited = now - client.wait_started if client._waiting and client.wait_started else 0.0
+        waited = now - client.wait_started if client.waiting and client.wait_started else 0.0
         wait, wait_us = _us(waited)
         server = client.server
         params = client.params or {}
@@ -339,7 +339,8 @@ class AdminConsole:
         row = ["C", client.session.user, pool.database, "none", state, addr, port, laddr,
                lport, connected, connected, wait, wait_us, 0, "0x%x" % client.id,
                "0x%x" % server.id if server is not None else "", 0, "",
-               params.get("application_name") or "", len(client.prepared), client.id]
+               params.get("application_name") or "",
+               len(client.remap.names) if client.remap is not None else 0, client.id]
         if debug:
             row += [0, 0, 0, 0, 0, 0, _buffered(t)]
         return row
@@ -364,7 +365,7 @@ class AdminConsole:
         rows = []
         for pool in self.pools.all_pools():
             for client in sorted(pool.members, key=lambda c: c.id):
-                if client._waiting:
+                if client.waiting:
                     state = "cl_waiting" if debug else "waiting"
                 elif client.server is not None:
                     state = "cl_active" if debug else "active"
@@ -755,11 +756,8 @@ class AdminSession:
         self._statements: Dict[bytes, str] = {}
         self._portals: Dict[bytes, str] = {}
         self._described: Dict[bytes, Result] = {}
-        timer = client._login_timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        client._login_timer = None
-        client.dataReceived = self.dataReceived
+        client.login_done()
+        client.enter(self)
         pools = client.service
         version = "pgdoorman %s" % __version__
         for pool in pools.all_pools():
@@ -788,7 +786,7 @@ class AdminSession:
         self._drain()
 
     def _drain(self) -> None:
-        while not self._busy and not self.client._closed:
+        while not self._busy and not self.client.closed:
             buf = self._buf
             if len(buf) < 5:
                 return
@@ -822,11 +820,11 @@ class AdminSession:
         self.log.failure("admin console: command failed", failure)
 
     def _write(self, data: bytes) -> None:
-        if not self.client._closed:
+        if not self.client.closed:
             self.transport.write(data)
 
     def _fatal(self, text: str) -> None:
-        self.client._fatal(errors.PgError(errors.PROTOCOL_VIOLATION, text))
+        self.client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION, text))
 
     def _error(self, err: AdminError) -> None:
         self._write(err.to_bytes())
@@ -841,7 +839,7 @@ class AdminSession:
 
     def _message(self, code: int, payload: bytes):
         if code == messages.TERMINATE:
-            self.client._closed = True
+            self.client.closed = True
             self.transport.loseConnection()
             return None
         if code == messages.QUERY:

@@ -622,7 +622,7 @@ class PoolService(service.Service):
             pool.paused = True
             for client in set(pool.members) | set(pool.waiting):
                 n += 1
-                client._fatal(errors.PgError(errors.ADMIN_SHUTDOWN,
+                client.fatal(errors.PgError(errors.ADMIN_SHUTDOWN,
                                              "database removed by KILL from the admin console"),
                               "KILL %s" % database)
             pool.close_idle()

@@ -1,5 +1,5 @@
 """
-Transparent prepared statements in transaction mode.
+Transparent prepared statements in transaction mode: the statements themselves.
 
 A client's named statement lives on whichever server connection ran its Parse, yet its next
 transaction may land elsewhere.  So the pooler keeps, per client, the client's names and the
@@ -11,10 +11,11 @@ an injected Parse, and what the LRU evicts is Closed on the server.
 
 The replies must reach the client exactly as PostgreSQL would have sent them, in order, even
 though the pooler added and changed messages.  Only ParseComplete and CloseComplete replies are
-affected, so the server side keeps one queue of L{Expect} entries, one per Parse, Close and
-Sync-like message sent (see L{pgdoorman.server}): each ParseComplete/CloseComplete pops one and
-is forwarded, swallowed or turned into a ParseComplete; an ErrorResponse drops the entries up
-to the next Sync, because PostgreSQL skips those messages after an error.  When the server
+affected, so each server's L{pgdoorman.link.Link} keeps one queue of entries, one per Parse,
+Close and Sync-like message sent (L{pgdoorman.remap} writes them): each
+ParseComplete/CloseComplete pops one and is forwarded, swallowed or turned into a
+ParseComplete; an ErrorResponse drops the entries up to the next Sync, because PostgreSQL
+skips those messages after an error.  When the server
 already holds a statement the client Parses, the pooler sends a Close of a name nobody has
 instead: PostgreSQL answers CloseComplete at exactly the position the ParseComplete belongs,
 and the server side rewrites it.  No positions are computed by hand.
@@ -36,21 +37,11 @@ _uint32 = struct.Struct("!I")
 #: Server-side names carry this prefix; the client never sees them (errors are rewritten).
 PREFIX = b"DOORMAN_"
 
-# Expect entry kinds (first element of each entry tuple).
-FORWARD = 0       # a reply the client expects: pass it on
-SYNC = 1          # ReadyForQuery of a Sync/Query/FunctionCall
-SWALLOW = 2       # reply to a message the pooler added; (SWALLOW, server_name or None[, stmt])
-AS_PARSE = 3      # (AS_PARSE, client, client_name, server_name): CloseComplete standing in for
-                  # the ParseComplete of a Parse the server did not need
-PARSED = 4        # (PARSED, client, client_name, server_name, stmt): undo both maps on error
-FAKE_ERROR = 5    # (FAKE_ERROR, error bytes): replace the server's error with this one
-
-FORWARD_ENTRY = (FORWARD,)
-SYNC_ENTRY = (SYNC,)
-
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 #: Close of a statement no server has: PostgreSQL answers CloseComplete and does nothing else.
 CLOSE_NOTHING = messages.message(b"C", b"S" + PREFIX + b"NONE\x00")
+#: A DEALLOCATE that always fails, for a name the client never prepared (its error is replaced).
+DEALLOCATE_NOTHING = messages.query('DEALLOCATE "%sNONE"' % PREFIX.decode())
 #: A Parse that always fails without creating anything, to make PostgreSQL enter the error
 #: state (skip to Sync, abort the implicit transaction) exactly where the client's would.
 PARSE_FAILING = messages.message(b"P", PREFIX + b"ERROR\x00DOORMAN_ERROR\x00\x00\x00")
@@ -59,7 +50,7 @@ PARSE_FAILING = messages.message(b"P", PREFIX + b"ERROR\x00DOORMAN_ERROR\x00\x00
 class Statement:
     """One prepared statement: its server-side name and the Parse payload after the name."""
 
-    __slots__ = ("name", "body", "parse", "parsed")
+    __slots__ = ("name", "body", "parse", "parsed", "reparse")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name
@@ -69,6 +60,10 @@ class Statement:
         self.parsed = False
         #: The whole Parse message under the server-side name, built once.
         self.parse = b"P" + _uint32.pack(len(name) + 1 + len(body) + 4) + name + b"\x00" + body
+        #: Close, then Parse: what a server that should not hold it gets.  The Close makes the
+        #: Parse succeed even where the server holds the statement after all (a DEALLOCATE
+        #: that failed in an aborted transaction), so a record that under-reports costs nothing.
+        self.reparse = close_statement(name) + self.parse
 
     @property
     def query(self) -> str:
@@ -130,12 +125,28 @@ class ServerStatements:
     def discard(self, name: bytes) -> None:
         self.names.pop(name, None)
 
+    def restore(self, name: bytes) -> None:
+        """A Close of C{name} was skipped: the server still holds it, as the oldest entry."""
+        if name not in self.names:
+            self.names[name] = None
+            self.names.move_to_end(name, last=False)
+
     def clear(self) -> None:
         self.names.clear()
 
 
 def close_statement(name: bytes) -> bytes:
     return messages.message(b"C", b"S" + name + b"\x00")
+
+
+def does_not_exist(name: bytes) -> bytes:
+    """PostgreSQL's words for a Bind, Describe or DEALLOCATE of a statement it lacks."""
+    if not name:
+        return messages.error_response("ERROR", "26000",
+                                       "unnamed prepared statement does not exist")
+    return messages.error_response(
+        "ERROR", "26000", 'prepared statement "%s" does not exist'
+        % name.decode("utf-8", "replace"))
 
 
 def already_exists(name: bytes) -> bytes:
@@ -168,6 +179,15 @@ def parse_deallocate(query: bytes):
 
 def is_discard_all(query: bytes) -> bool:
     return _DISCARD_ALL.match(query) is not None
+
+
+def may_drop_statements(query: bytes) -> bool:
+    """
+    A query that may DEALLOCATE or DISCARD prepared statements in a way we do not parse (among
+    other statements, in a function): the server's record of its statements is then unknown.
+    """
+    q = query.lower()
+    return b"deallocate" in q or b"discard" in q
 
 
 # -- deferred BEGIN ---------------------------------------------------------------------------

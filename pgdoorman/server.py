@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections import deque
 from typing import Dict, Optional
 
 from twisted.internet import defer, protocol, reactor
@@ -23,15 +22,14 @@ from twisted.python.failure import Failure
 
 from pgdoorman import params as _params
 from pgdoorman import sockopts
-from pgdoorman import prepared as _prepared
 from pgdoorman import tls as _tls
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import scram as _scram
+from pgdoorman.link import Link
 from pgdoorman.protocol import errors, messages
+from pgdoorman.protocol.framing import WHOLE, FramingError, MessageBuffer, Scanner
 from pgdoorman.sendnow import make_sender
 
-_uint32 = struct.Struct("!I")
-_unpack_len = _uint32.unpack_from
 _monotonic = time.monotonic
 
 _Z = messages.READY_FOR_QUERY
@@ -39,33 +37,11 @@ _S = messages.PARAMETER_STATUS
 _E = messages.ERROR_RESPONSE
 _IDLE = ord("I")
 
-#: Messages whose content the relay must see whole (they are all tiny).
+#: Messages the relay must read (they are all tiny): ReadyForQuery, ParameterStatus,
+#: ErrorResponse, ParseComplete, CloseComplete.  Everything else passes through unread.
 _INSPECT = frozenset((_Z, _S, _E, ord("1"), ord("3")))
-_SYNC = _prepared.SYNC
-_SWALLOW = _prepared.SWALLOW
-_AS_PARSE = _prepared.AS_PARSE
-_PARSED = _prepared.PARSED
-_FAKE_ERROR = _prepared.FAKE_ERROR
-_PARSE_COMPLETE = _prepared.PARSE_COMPLETE
-
-
-class _Internal:
-    """
-    A query the pooler put on the wire itself; its replies never reach a client, except its
-    ParameterStatus messages when C{report} is set (the client must learn the values).
-
-    @ivar start_at: how many of the client's ReadyForQuery messages come before this query's
-        replies (0 for a query written ahead of the client's own).
-    """
-
-    __slots__ = ("deferred", "error", "start_at", "report")
-
-    def __init__(self, deferred: Optional[defer.Deferred], start_at: int = 0,
-                 report: bool = False):
-        self.deferred = deferred
-        self.error: Optional[errors.PgError] = None
-        self.start_at = start_at
-        self.report = report
+#: While the replies of a query of the pooler's own arrive: every message (they are dropped).
+_EVERYTHING = frozenset(range(256))
 
 
 class ServerConnection(protocol.Protocol):
@@ -75,10 +51,9 @@ class ServerConnection(protocol.Protocol):
     @ivar params: the tracked session parameters as this server has them now (see
         L{pgdoorman.params}); compared with a client's on checkout.
     @ivar startup_params: every ParameterStatus the server sent at login, for new clients.
-    @ivar pending: Sync/Query messages the client sent that the server has not yet answered with
-        ReadyForQuery.
-    @ivar dirty: the client sent extended-protocol messages after its last Sync, so the server
-        is in the middle of something even if it said ReadyForQuery idle.
+    @ivar link: what this connection owes its client and what it holds (L{Link}); the relay
+        state lives there and nowhere else.
+
     """
 
     log = Logger()
@@ -95,13 +70,8 @@ class ServerConnection(protocol.Protocol):
         self.id = pool.service.next_id()
         self.created = time.monotonic()
         self.last_used = self.created
-        self.pending = 0
         #: when the query being answered was sent (or the previous reply came, in a pipeline).
         self.query_start = 0.0
-        #: ReadyForQuery messages of the client's own seen so far; orders internal queries.
-        self.replies = 0
-        self.dirty = False
-        self.in_transaction = False
         self.closing = False
         self.connected_ok = False
         self.tls = False
@@ -112,18 +82,12 @@ class ServerConnection(protocol.Protocol):
         self.assigned_at = 0.0
         #: RECONNECT or a reload asked to close this server when its client is done.
         self.close_needed = False
-        self._internal: deque = deque()
-        #: replies owed for Parse/Close/Sync messages sent (see L{pgdoorman.prepared}).
-        self.expect: deque = deque()
-        #: the Parse body of the unnamed statement this connection holds (the very bytes
-        #: object a client sent, so identity tells whose it is), None after a simple query.
-        self.unnamed: Optional[bytes] = None
-        #: statements this connection holds, by server-side name, least recently used first.
-        self.statements = _prepared.ServerStatements(
-            settings.server_prepared_statements_cache_size or 0)
-        self._head = b""
-        self._remain = 0
-        self._buf = b""
+        self.link = Link(settings.server_prepared_statements_cache_size or 0,
+                         remap=settings.pool_mode == "transaction"
+                         and bool(settings.prepared_statements_cache_size))
+        self._scanner = Scanner(self._reply, _INSPECT)
+        self._messages = MessageBuffer()
+        self._release = False
         self._scram: Optional[_scram.ScramClient] = None
         self._login_error: Optional[errors.PgError] = None
         self.send = None
@@ -188,10 +152,12 @@ class ServerConnection(protocol.Protocol):
 
     def _loginData(self, data: bytes) -> None:
         try:
-            msgs, self._buf = messages.split_messages(self._buf + data)
-            for code, payload in msgs:
+            for code, payload in self._messages.feed(data):
                 if self._loginMessage(code, payload):
                     return
+        except FramingError as e:
+            self._failLogin(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                           "server sent an invalid message: %s" % e))
         except errors.PgError as e:
             self._failLogin(e)
         except Exception as e:
@@ -212,8 +178,9 @@ class ServerConnection(protocol.Protocol):
             self.params = _params.from_server(self.startup_params)
             self.connected_ok = True
             self.dataReceived = self._relayData
-            if self._buf:
-                rest, self._buf = self._buf, b""
+            rest = self._messages.take()
+            self._messages = None
+            if rest:
                 self._relayData(rest)
             d, self._ready = self._ready, None
             d.callback(self)
@@ -298,130 +265,92 @@ class ServerConnection(protocol.Protocol):
 
     # -- the relay ------------------------------------------------------------------------
 
+    @property
+    def statements(self):
+        """The statements this server holds (SHOW SERVERS, metrics)."""
+        return self.link.statements
+
     def _relayData(self, data: bytes) -> None:
         """
-        Forward the server's bytes to the client, watching headers for ReadyForQuery.
-
-        The loop looks at one header per message; only ReadyForQuery, ParameterStatus,
-        ErrorResponse, ParseComplete and CloseComplete are read further, and only they are held
-        back when a chunk ends inside them (they are all small).  Replies to the pooler's own
-        queries (at the head of the stream) are dropped; ParseComplete/CloseComplete follow the
-        C{expect} queue of L{pgdoorman.prepared}.
+        Forward the server's bytes to the client; the L{Scanner} hands the few messages that
+        matter (L{_INSPECT}) to L{_reply}, the rest passes through in bulk.
         """
         self.server_bytes += len(data)
-        if self._head:
-            data = self._head + data
-            self._head = b""
-        n = len(data)
-        pos = self._remain
-        client = self.client
-        if pos >= n:
-            self._remain = pos - n
-            if client is not None:
-                client.send(data)
+        try:
+            out = self._scanner.feed(data)
+        except FramingError as e:
+            self.log.error("server {id}: {error}; closing it", id=self.id, error=e)
+            self.link.taint(str(e))
+            self.transport.abortConnection()
             return
-        start = 0
-        release = False
-        internal = self._internal
-        swallow = bool(internal) and internal[0].start_at <= self.replies
-        expect = self.expect
-        out = None
-        while pos < n:
-            if n - pos < 5:
-                self._head = data[pos:]
-                n = pos
-                break
-            code = data[pos]
-            end = pos + 1 + _unpack_len(data, pos + 1)[0]
-            if swallow or code in _INSPECT:
-                if end > n:
-                    self._head = data[pos:]
-                    n = pos
-                    break
-                replace = None
-                if swallow:
-                    entry = internal[0]
-                    replace = b""
-                    if code == _Z:
-                        internal.popleft()
-                        self._internalDone(entry)
-                        swallow = bool(internal) and internal[0].start_at <= self.replies
-                        # An internal query after the client's last reply (RESET) is what
-                        # the release waited for; one ahead of the client's (or with no
-                        # client: login, session reset) is followed by more, or by nothing.
-                        if entry.report and not internal and self.pending <= 0 and \
-                                not self.in_transaction and not self.dirty and \
-                                client is not None and self.client is client:
-                            self.pending = 0
-                            release = True
-                    elif code == _E:
-                        entry.error = errors.PgError.from_fields(
-                            messages.parse_fields(data[pos + 5:end]))
-                    elif code == _S:
-                        self._parameterStatus(data, pos, end, client if entry.report else None)
-                        if entry.report:
-                            replace = None
-                elif code == _Z:
-                    if expect:
-                        if expect[0][0] != _SYNC:
-                            self._skipped(expect)
-                        if expect:
-                            expect.popleft()
-                    self.pending -= 1
-                    self.replies += 1
-                    self.in_transaction = data[pos + 5] != _IDLE
-                    # Query latency: from the query's send (or the previous reply, in a
-                    # pipeline) to its ReadyForQuery; one clock read per query.
-                    now = _monotonic()
-                    took = now - self.query_start
-                    self.query_start = now
-                    st = self.pool.stats
-                    st.query_time += took
-                    st.query_hist.observe(took)
-                    if internal:
-                        swallow = internal[0].start_at <= self.replies
-                    elif self.pending <= 0 and not self.in_transaction and not self.dirty:
-                        self.pending = 0
-                        release = True
-                elif code == _S:
-                    self._parameterStatus(data, pos, end, client)
-                elif code == _E:
-                    if expect:
-                        replace = self._expectError(data, pos, end, expect)
-                elif expect:  # ParseComplete or CloseComplete
-                    entry = expect.popleft()
-                    kind = entry[0]
-                    if kind == _SWALLOW:
-                        replace = b""
-                        if len(entry) > 2:
-                            entry[2].parsed = True
-                    elif kind == _AS_PARSE:
-                        replace = _PARSE_COMPLETE
-                    elif kind == _PARSED:
-                        entry[4].parsed = True
-                if replace is not None:
-                    if out is None:
-                        out = []
-                    if pos > start:
-                        out.append(data[start:pos])
-                    if replace:
-                        out.append(replace)
-                    start = end
-            pos = end
-        if pos > n and not self._head:
-            self._remain = pos - n
-        else:
-            self._remain = 0
+        client = self.client
         if client is not None:
-            if out is not None:
-                if start < n:
-                    out.append(data[start:n])
-                if out:
-                    client.send(b"".join(out))
-            elif n:
-                client.send(data if n == len(data) else data[:n])
-            if release:
+            if out:
+                client.send(out)
+            if self._release:
+                self._release = False
                 client.serverReleasable(self)
+        else:
+            self._release = False
+
+    def _reply(self, code: int, data: bytes, pos: int, end: int, n: int):
+        """One inspected message from PostgreSQL (see L{Scanner}): what to pass on."""
+        if end > n:
+            return WHOLE
+        link = self.link
+        internal = link.internal
+        if internal and internal[0].start_at <= link.replies:
+            return self._internalReply(code, data, pos, end, link)
+        if code == _Z:
+            link.ready()
+            link.in_transaction = data[pos + 5] != _IDLE
+            # Query latency: from the query's send (or the previous reply, in a pipeline) to
+            # its ReadyForQuery; one clock read per query.
+            now = _monotonic()
+            took = now - self.query_start
+            self.query_start = now
+            st = self.pool.stats
+            st.query_time += took
+            st.query_hist.observe(took)
+            if internal:
+                if internal[0].start_at <= link.replies:
+                    self._scanner.inspect = _EVERYTHING
+            elif link.pending <= 0 and not link.in_transaction and not link.dirty:
+                self._release = True
+            return None
+        if code == _S:
+            self._parameterStatus(data, pos, end, self.client)
+            return None
+        if code == _E:
+            if link.expect:
+                client = self.client
+                return link.error(data[pos:end], client.remap.names
+                                  if client is not None and client.remap is not None else None)
+            return None
+        return link.complete()
+
+    def _internalReply(self, code: int, data: bytes, pos: int, end: int, link: Link):
+        """A reply to a query of the pooler's own: dropped, but for reported parameters."""
+        internal = link.internal
+        entry = internal[0]
+        if code == _Z:
+            internal.popleft()
+            self._internalDone(entry)
+            if not internal or internal[0].start_at > link.replies:
+                self._scanner.inspect = _INSPECT
+            # An internal query after the client's last reply (RESET) is what the release
+            # waited for; one ahead of the client's (or with no client: login, session
+            # reset) is followed by more, or by nothing.
+            if entry.report and not internal and link.pending <= 0 and \
+                    not link.in_transaction and not link.dirty and self.client is not None:
+                self._release = True
+        elif code == _E:
+            entry.error = errors.PgError.from_fields(messages.parse_fields(data[pos + 5:end]))
+        elif code == _S:
+            self._parameterStatus(data, pos, end, self.client if entry.report else None)
+            if entry.report:
+                return None
+        return b""
 
     def _parameterStatus(self, data: bytes, pos: int, end: int, client) -> None:
         name, value = messages.parse_parameter_status(data[pos + 5:end])
@@ -430,51 +359,18 @@ class ServerConnection(protocol.Protocol):
             if client is not None:
                 client.params[name] = value
 
-    def _skipped(self, expect) -> None:
-        """
-        Drop the entries up to the next Sync: PostgreSQL skipped those messages after an error
-        (some may even reach it after the error was sent).  Undo what their Parses were
-        expected to create, for the client and for this server.
-        """
-        while expect and expect[0][0] != _SYNC:
-            entry = expect.popleft()
-            kind = entry[0]
-            if kind == _PARSED or kind == _AS_PARSE:
-                client, name, sname = entry[1], entry[2], entry[3]
-                stmt = client.prepared.get(name)
-                if stmt is not None and stmt.name == sname:
-                    del client.prepared[name]
-                if kind == _PARSED:
-                    self.statements.discard(sname)
-            elif kind == _SWALLOW and entry[1] is not None:
-                self.statements.discard(entry[1])
-
-    def _expectError(self, data: bytes, pos: int, end: int, expect) -> Optional[bytes]:
-        """
-        An ErrorResponse while statement messages are in flight: PostgreSQL now skips to the
-        next Sync, so the replies expected before it will never come.  Returns the bytes to
-        send instead of the error, or None to send it as is.
-        """
-        replace = None
-        if expect[0][0] == _FAKE_ERROR:
-            replace = expect[0][1]
-        # The failed message and every one after it up to the Sync never happened.
-        self._skipped(expect)
-        if replace is None and _prepared.PREFIX in data[pos:end] and self.client is not None:
-            # Speak of the client's statement names, never of ours.
-            msg = data[pos + 5:end]
-            for cname, stmt in self.client.prepared.items():
-                if stmt.name in msg:
-                    msg = msg.replace(stmt.name, cname)
-            replace = b"E" + _uint32.pack(len(msg) + 4) + msg
-        return replace
-
-    def _internalDone(self, entry: _Internal) -> None:
+    def _internalDone(self, entry) -> None:
         if entry.error is not None:
             self.log.warn("server {id}: pooler's own query failed: {error}", id=self.id,
                           error=entry.error)
         if entry.deferred is not None:
             entry.deferred.callback(entry.error)
+
+    def _internal(self, deferred=None, after: int = 0, report: bool = False) -> None:
+        link = self.link
+        link.add_internal(deferred, after, report)
+        if link.internal[0].start_at <= link.replies:
+            self._scanner.inspect = _EVERYTHING
 
     def prepend_internal(self, sql: str) -> bytes:
         """
@@ -482,14 +378,12 @@ class ServerConnection(protocol.Protocol):
 
         The caller writes them ahead of the client's own messages, in the same send.
         """
-        self._internal.append(_Internal(None, self.replies + self.pending))
-        self.unnamed = None  # a simple query replaces the unnamed statement
+        self._internal()
         return messages.query(sql)
 
     def prepend_internal_message(self, message: bytes) -> bytes:
         """Like L{prepend_internal} for a ready-made Query message (a deferred BEGIN)."""
-        self._internal.append(_Internal(None, self.replies + self.pending))
-        self.unnamed = None
+        self._internal()
         return message
 
     def append_internal(self, sql: str, after: int) -> bytes:
@@ -497,15 +391,14 @@ class ServerConnection(protocol.Protocol):
         Register an internal query that goes after C{after} more of the client's
         Sync/Query messages, whose ParameterStatus replies the client does see.
         """
-        self._internal.append(_Internal(None, self.replies + after, report=True))
-        self.unnamed = None
+        link = self.link
+        self._internal(None, after - link.pending, report=True)
         return messages.query(sql)
 
     def run_internal(self, sql: str) -> defer.Deferred:
         """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""
         d = defer.Deferred()
-        self._internal.append(_Internal(d, self.replies + self.pending))
-        self.unnamed = None
+        self._internal(d)
         self.send(messages.query(sql))
         return d
 
@@ -575,11 +468,7 @@ class ServerConnection(protocol.Protocol):
             d, self._ready = self._ready, None
             d.errback(errors.PgError(errors.CONNECTION_FAILURE,
                                      "server closed the connection during login"))
-        for entry in self._internal:
-            if entry.deferred is not None:
-                entry.deferred.callback(errors.PgError(errors.CONNECTION_FAILURE,
-                                                       "server connection lost"))
-        self._internal.clear()
+        self.link.lost(errors.PgError(errors.CONNECTION_FAILURE, "server connection lost"))
         if self.connected_ok:
             self.pool.server_lost(self)
             client = self.client

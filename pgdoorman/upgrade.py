@@ -499,7 +499,7 @@ class Upgrade:
             return
         left = 0
         for client in list(self.clients):
-            if client._closed:
+            if client.closed:
                 self.clients.discard(client)
                 continue
             if client.idle_for_migration():
@@ -527,13 +527,13 @@ class Upgrade:
                   "logging in": 0, "busy": 0}
         from pgdoorman.client import ADMIN_DATABASES
         for c in self.clients:
-            if c._closed or c.session.database in ADMIN_DATABASES:
+            if c.closed or c.session.database in ADMIN_DATABASES:
                 continue
             if c.tls:
                 counts["TLS"] += 1
             elif c.server is not None and not c.pool.transaction_mode:
                 counts["session mode with a server"] += 1
-            elif c.server is not None or c._deferred_begin is not None:
+            elif c.server is not None or c.deferred_begin is not None:
                 counts["in a transaction"] += 1
             elif c.cancel_key is None:
                 counts["logging in"] += 1
@@ -558,7 +558,7 @@ class Upgrade:
         self.log.info("upgrade: {why}: {migrated} clients handed over in {took:.3f}s "
                       "({rate:.0f}/s), {left} closed; old process {pid} exits",
                       why=why, migrated=self.migrated, took=took, rate=rate,
-                      left=len([c for c in self.clients if not c._closed]), pid=os.getpid(),
+                      left=len([c for c in self.clients if not c.closed]), pid=os.getpid(),
                       upgrade_migrated=self.migrated, upgrade_seconds=took)
         for _svc, fd, _family in self._kept_listeners:
             _close(fd)

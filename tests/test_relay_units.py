@@ -61,9 +61,8 @@ pools:
     client.send = client.transport.write
     client.pool = pool
     client.params = dict(server.params)
-    client._tx = mode == "transaction"
-    client._ps = client._tx
-    client.dataReceived = client._relayData
+    client._joinPool(pool, None)
+    client.dataReceived = client.relay
     return pool, client, server
 
 
@@ -106,7 +105,7 @@ def test_pipelined_queries_release_after_the_last_reply(size):
     pool.checkin = lambda s: (released.append(s), orig(s))
     for piece in chunks(QUERY * 3, size):
         client.dataReceived(piece)
-    assert server.pending == 3
+    assert server.link.pending == 3
     for n in range(3):
         for piece in chunks(REPLY, size):
             server.dataReceived(piece)

@@ -1,0 +1,264 @@
+"""
+The state of one server connection's conversation: what it owes and what it holds.
+
+A L{Link} belongs to one L{pgdoorman.server.ServerConnection} for its whole life.  The client
+that holds the server writes to it (through L{pgdoorman.prepared.Remapper}) what it sent that
+PostgreSQL will answer; the server side reads it to route each reply.  Nobody else keeps any of
+this, so there is one place that can be wrong, and one place that says so: when the replies stop
+matching what was sent (a client that sends a Query in the middle of a failed pipeline, a reply
+nobody asked for), the link is marked L{Link.tainted} and the server is closed instead of being
+given to anyone else.  Its record of the statements the server holds could no longer be trusted.
+
+Entries of L{Link.expect}, one per message that PostgreSQL answers with ParseComplete,
+CloseComplete or ReadyForQuery while prepared statements are remapped:
+
+  - L{SYNC}: a Sync, Query or FunctionCall: its ReadyForQuery.
+  - L{FORWARD}: a Close of the client's, or its unnamed Parse: the reply goes to the client.
+  - L{PARSED}: the client's Parse, sent under the server-side name.
+  - L{AS_PARSE}: a Close of a name no server has, standing in for the client's Parse of a
+    statement this server already holds: its CloseComplete becomes the ParseComplete.
+  - L{INJECTED}: a Parse the pooler added so that this server holds a statement: swallowed.
+  - L{CLOSED}: a Close the pooler added for a statement the LRU evicted: swallowed.
+  - L{UNNAMED}: the client's unnamed statement, Parsed again on this server: swallowed.
+  - L{SWALLOW}: the Close the pooler sends ahead of each Parse of its own: swallowed.
+  - L{FAKE_ERROR}: a Parse that fails on purpose where PostgreSQL would have failed the
+    client's message (its name already exists, or it names a statement the client never
+    prepared): the server's error is replaced by the one PostgreSQL would have sent.
+
+After an ErrorResponse PostgreSQL skips every message up to the next Sync (docs 55.2.3,
+"Extended Query"), so the entries up to the next L{SYNC} are dropped and whatever they were
+going to create is undone.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Dict, Optional
+
+from pgdoorman.prepared import PREFIX, ServerStatements, Statement
+
+_uint32 = struct.Struct("!I")
+
+SYNC = 1
+FORWARD = 2
+PARSED = 3
+AS_PARSE = 4
+INJECTED = 5
+CLOSED = 6
+UNNAMED = 7
+FAKE_ERROR = 8
+UNNAMED_PARSE = 9
+SWALLOW = 10
+
+PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+
+
+class Entry:
+    """
+    One reply owed.  C{names} and C{name}: the client's statement map and the client's name
+    (to undo a Parse that never happened); C{stmt}: the statement concerned; C{reply}: the
+    error to send instead of the server's (L{FAKE_ERROR}).
+    """
+
+    __slots__ = ("kind", "names", "name", "stmt", "reply")
+
+    def __init__(self, kind: int, names: Optional[Dict[bytes, Statement]] = None,
+                 name: Optional[bytes] = None, stmt: Optional[Statement] = None,
+                 reply: Optional[bytes] = None):
+        self.kind = kind
+        self.names = names
+        self.name = name
+        self.stmt = stmt
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return "<Entry %s %r>" % (_KIND_NAMES.get(self.kind, self.kind), self.name)
+
+
+_KIND_NAMES = {SYNC: "SYNC", FORWARD: "FORWARD", PARSED: "PARSED", AS_PARSE: "AS_PARSE",
+               INJECTED: "INJECTED", CLOSED: "CLOSED", UNNAMED: "UNNAMED",
+               FAKE_ERROR: "FAKE_ERROR", UNNAMED_PARSE: "UNNAMED_PARSE", SWALLOW: "SWALLOW"}
+
+#: Shared entries that carry nothing of their own.
+SYNC_ENTRY = Entry(SYNC)
+FORWARD_ENTRY = Entry(FORWARD)
+UNNAMED_ENTRY = Entry(UNNAMED)
+UNNAMED_PARSE_ENTRY = Entry(UNNAMED_PARSE)
+SWALLOW_ENTRY = Entry(SWALLOW)
+
+
+class Internal:
+    """
+    A query the pooler put on the wire itself; its replies never reach a client, except its
+    ParameterStatus messages when C{report} is set (the client must learn the values).
+
+    @ivar start_at: how many of the client's ReadyForQuery messages come before this query's
+        replies (0 for a query written ahead of the client's own).
+    """
+
+    __slots__ = ("deferred", "error", "start_at", "report")
+
+    def __init__(self, deferred, start_at: int = 0, report: bool = False):
+        self.deferred = deferred
+        self.error = None
+        self.start_at = start_at
+        self.report = report
+
+
+class Link:
+    """
+    What one server connection owes its current client and what it holds for everyone.
+
+    @ivar pending: Sync/Query/FunctionCall messages sent that PostgreSQL has not answered with
+        ReadyForQuery yet.
+    @ivar dirty: extended-protocol messages were sent after the last Sync: the server is in the
+        middle of something even if its last ReadyForQuery said idle.
+    @ivar in_transaction: the last ReadyForQuery said 'T' or 'E'.
+    @ivar expect: the L{Entry} queue (only while statements are remapped).
+    @ivar statements: the statements this server holds, by server-side name (an LRU).
+    @ivar unnamed: the Parse body of the unnamed statement this server holds (the very bytes
+        object a client sent, so identity tells whose), None when it holds none of ours.
+    @ivar replies: ReadyForQuery messages of clients' seen so far; orders internal queries.
+    @ivar internal: queries of the pooler's own whose replies are still to come.
+    @ivar tainted: the replies stopped matching what was sent; this server must be closed
+        when its client is done with it.
+    """
+
+    __slots__ = ("pending", "dirty", "in_transaction", "expect", "statements", "unnamed",
+                 "replies", "internal", "tainted", "remap")
+
+    def __init__(self, cache_size: int, remap: bool = False):
+        #: statements are remapped on this server (transaction mode, cache on): every
+        #: ParseComplete and CloseComplete has an entry.
+        self.remap = remap
+        self.pending = 0
+        self.dirty = False
+        self.in_transaction = False
+        self.expect: deque = deque()
+        self.statements = ServerStatements(cache_size)
+        self.unnamed: Optional[bytes] = None
+        self.replies = 0
+        self.internal: deque = deque()
+        self.tainted: Optional[str] = None
+
+    # -- what the server may be given to someone else with ------------------------------------
+
+    def settled(self) -> bool:
+        """Every reply is in and nothing is half done: the next client may have this server."""
+        return (not self.pending and not self.dirty and not self.expect and not self.internal
+                and self.tainted is None)
+
+    def taint(self, why: str) -> None:
+        if self.tainted is None:
+            self.tainted = why
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def ready(self) -> None:
+        """A ReadyForQuery for a client's Sync/Query/FunctionCall."""
+        expect = self.expect
+        if expect:
+            if expect[0].kind != SYNC:
+                # Messages before this Sync got no reply: they were skipped after an error we
+                # have not seen, or never reached PostgreSQL as we think.
+                self.taint("ReadyForQuery before the replies to %r" % (expect[0],))
+                self.skipped()
+            if expect:
+                expect.popleft()
+        if self.pending <= 0:
+            self.taint("ReadyForQuery nobody asked for")
+        else:
+            self.pending -= 1
+        self.replies += 1
+
+    def complete(self) -> Optional[bytes]:
+        """
+        A ParseComplete or CloseComplete: the bytes to send instead of it (b"" swallows), or
+        None to pass it on.
+        """
+        expect = self.expect
+        if not expect:
+            if self.remap:
+                self.taint("ParseComplete/CloseComplete nobody asked for")
+            return None
+        entry = expect[0]
+        kind = entry.kind
+        if kind == SYNC or kind == FAKE_ERROR:
+            self.taint("ParseComplete/CloseComplete where %r was expected" % (entry,))
+            return None
+        expect.popleft()
+        if kind == PARSED:
+            entry.stmt.parsed = True
+            return None
+        if kind == INJECTED:
+            entry.stmt.parsed = True
+            return b""
+        if kind == AS_PARSE:
+            return PARSE_COMPLETE
+        if kind == SWALLOW or kind == CLOSED or kind == UNNAMED:
+            return b""
+        return None  # FORWARD, UNNAMED_PARSE
+
+    def error(self, message: bytes, names: Optional[Dict[bytes, Statement]]) -> Optional[bytes]:
+        """
+        An ErrorResponse (the whole message) while entries are queued: PostgreSQL now skips
+        to the next Sync.  Returns the bytes to send instead, or None to send it as is.
+
+        @param names: the current client's statement map, to speak of its names, never ours.
+        """
+        expect = self.expect
+        replace = None
+        if expect and expect[0].kind == FAKE_ERROR:
+            replace = expect[0].reply
+        self.skipped()
+        if replace is None and names and PREFIX in message:
+            body = message[5:]
+            for cname, stmt in names.items():
+                if stmt.name in body:
+                    body = body.replace(stmt.name, cname)
+            replace = b"E" + _uint32.pack(len(body) + 4) + body
+        return replace
+
+    def skipped(self) -> None:
+        """
+        Drop the entries up to the next Sync, undoing what their messages were to create: the
+        client's name (L{PARSED}, L{AS_PARSE}) and this server's copy (L{PARSED},
+        L{INJECTED}); a skipped Close of an evicted statement leaves it on the server.
+        """
+        expect = self.expect
+        while expect and expect[0].kind != SYNC:
+            entry = expect.popleft()
+            kind = entry.kind
+            if kind == PARSED or kind == AS_PARSE:
+                names = entry.names
+                if names is not None and names.get(entry.name) is entry.stmt:
+                    del names[entry.name]
+                if kind == PARSED:
+                    self.statements.discard(entry.stmt.name)
+            elif kind == INJECTED:
+                self.statements.discard(entry.stmt.name)
+            elif kind == CLOSED:
+                self.statements.restore(entry.name)
+            elif kind == UNNAMED or kind == UNNAMED_PARSE:
+                self.unnamed = None
+
+    # -- the pooler's own queries -----------------------------------------------------------
+
+    def add_internal(self, deferred=None, after: int = 0, report: bool = False) -> Internal:
+        """
+        Register a query of the pooler's own that goes after C{after} more of the client's
+        ReadyForQuery-producing messages (0: ahead of everything not yet answered).
+        """
+        entry = Internal(deferred, self.replies + self.pending + after, report)
+        self.internal.append(entry)
+        self.unnamed = None  # a simple query replaces the unnamed statement
+        return entry
+
+    def lost(self, err) -> None:
+        """The connection is gone: fail the pooler's own queries still waiting."""
+        internal, self.internal = self.internal, deque()
+        for entry in internal:
+            if entry.deferred is not None:
+                entry.deferred.callback(err)
+        self.expect.clear()
