@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
 from pgdoorman import sockopts
-from pgdoorman.link import SYNC_ENTRY
+from pgdoorman.link import FORWARD_ENTRY, PROBE_ENTRY, QUERY_ENTRY, SYNC_ENTRY
 from pgdoorman.login import ADMIN_DATABASES, Startup
 from pgdoorman.protocol import errors, messages
 from pgdoorman.protocol.framing import STOP, WHOLE, FramingError, Scanner
@@ -420,24 +420,21 @@ class ClientConnection(protocol.Protocol):
         server = self.server
         n = len(data)
         self.client_bytes += n
+        link = server.link
         if n > 5 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
-                data[5] not in _SQL_STATEMENT_FIRST and self._scanner.between_messages and \
+                data[5] not in _SQL_STATEMENT_FIRST and not link.dirty and \
+                self._scanner.between_messages and \
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.
-            link = server.link
             if not link.pending:
                 server.query_start = _monotonic()
-            if link.dirty:
-                link.taint("Query in the middle of an extended-protocol pipeline")
-                link.dirty = False
             link.pending += 1
-            if self.remap is not None:
-                link.expect.append(SYNC_ENTRY)
+            if self._tx:
+                link.expect.append(QUERY_ENTRY)
                 link.unnamed = None
             self.query_count += 1
             server.send(ahead + data if ahead else data)
             return
-        link = server.link
         before = link.pending
         try:
             out = self._scanner.feed(data)
@@ -470,7 +467,7 @@ class ClientConnection(protocol.Protocol):
         if code == _SYNC:
             link.pending += 1
             link.dirty = False
-            if remap is not None:
+            if self._tx:
                 link.expect.append(SYNC_ENTRY)
             return None
         if code == _QUERY:
@@ -481,6 +478,8 @@ class ClientConnection(protocol.Protocol):
         if code == _PARSE or code == _BIND or code == _DESCRIBE or code == _CLOSE:
             link.dirty = True
             if remap is None:
+                if self._tx and (code == _PARSE or code == _CLOSE):
+                    link.expect.append(FORWARD_ENTRY)
                 return None
             if end > n:
                 return WHOLE
@@ -499,13 +498,14 @@ class ClientConnection(protocol.Protocol):
                                           "invalid %s message format" % chr(code)))
                 return STOP
         if code == _FUNCTION_CALL:
-            if self._tx and link.dirty:
-                link.taint("FunctionCall in the middle of an extended-protocol pipeline")
+            if self._tx and link.dirty and end > n:
+                return WHOLE
+            probe = self._probe(link)
+            if self._tx:
+                link.expect.append(QUERY_ENTRY)
             link.pending += 1
             link.dirty = False
-            if remap is not None:
-                link.expect.append(SYNC_ENTRY)
-            return None
+            return probe + data[pos:end] if probe is not None else None
         if code == _TERMINATE:
             self._terminate = True
             return STOP
@@ -515,21 +515,27 @@ class ClientConnection(protocol.Protocol):
                                   "invalid frontend message type %d" % code))
         return STOP
 
+    def _probe(self, link) -> Optional[bytes]:
+        """
+        A Query or FunctionCall sent in the middle of a pipeline is skipped by PostgreSQL if a
+        message before it failed: in transaction mode a probe goes first to tell (see
+        L{pgdoorman.link.PROBE}); returns its bytes, or None when none is needed.
+        """
+        if self._tx and link.dirty:
+            link.expect.append(PROBE_ENTRY)
+            return _prepared.CLOSE_NOTHING
+        return None
+
     def _query(self, data: bytes, pos: int, end: int, n: int, link):
         """A simple Query: counted; DEALLOCATE, DISCARD and RESET are looked at whole."""
         replacement = None
         if self._tx:
-            if link.dirty:
-                # PostgreSQL skips a Query after an error in the pipeline before it, and we
-                # cannot tell whether one happened: this server's replies may no longer be
-                # what we expect, so it is closed after this client rather than reused.
-                link.taint("Query in the middle of an extended-protocol pipeline")
             remap = self.remap
-            look = end - pos <= _LOOK_LIMIT and (
-                self.startup_values or remap is not None)
+            look = end - pos <= _LOOK_LIMIT and (self.startup_values or remap is not None)
+            if end > n and (look or link.dirty):
+                return WHOLE
+            probe = self._probe(link)
             if look:
-                if end > n:
-                    return WHOLE
                 query = data[pos + 5:end - 1]
                 if not query or query[0] in _SQL_STATEMENT_FIRST:
                     if self.startup_values:
@@ -538,9 +544,10 @@ class ClientConnection(protocol.Protocol):
                         replacement = remap.sql(query, link)
                 elif remap is not None and _prepared.may_drop_statements(query):
                     link.taint("statements dropped by a query pgdoorman does not parse")
-            if remap is not None:
-                link.unnamed = None  # a simple query replaces the unnamed statement
-                link.expect.append(SYNC_ENTRY)
+            link.unnamed = None  # a simple query replaces the unnamed statement
+            link.expect.append(QUERY_ENTRY)
+            if probe is not None:
+                replacement = probe + (replacement or data[pos:end])
         link.pending += 1
         link.dirty = False
         return replacement
@@ -641,6 +648,8 @@ class ClientConnection(protocol.Protocol):
         why = server.link.tainted or "replies still owed"
         self.log.info("server {id}: closed after client {peer} ({why})", id=server.id,
                       peer=self.peer, why=why)
+        if server.client is self:
+            server.client = None
         server.close()
         self.pool.server_lost(server)
 

@@ -12,7 +12,14 @@ given to anyone else.  Its record of the statements the server holds could no lo
 Entries of L{Link.expect}, one per message that PostgreSQL answers with ParseComplete,
 CloseComplete or ReadyForQuery while prepared statements are remapped:
 
-  - L{SYNC}: a Sync, Query or FunctionCall: its ReadyForQuery.
+  - L{SYNC}: a Sync: its ReadyForQuery.
+  - L{QUERY}: a Query or FunctionCall: its ReadyForQuery, unless PostgreSQL skips it (it
+    does, when an extended-protocol message before it failed and no Sync came between).
+  - L{PROBE}: a Close of nothing that the pooler puts ahead of a Query sent in the middle of
+    a pipeline: its CloseComplete says that no error came before, so the Query will run; an
+    error before it means both are skipped.
+  - L{QUERY_ERROR}: like L{FAKE_ERROR} for a simple Query that fails on purpose (a DEALLOCATE
+    of a name the client never prepared): replaced, and nothing is skipped.
   - L{FORWARD}: a Close of the client's, or its unnamed Parse: the reply goes to the client.
   - L{PARSED}: the client's Parse, sent under the server-side name.
   - L{AS_PARSE}: a Close of a name no server has, standing in for the client's Parse of a
@@ -25,9 +32,12 @@ CloseComplete or ReadyForQuery while prepared statements are remapped:
     client's message (its name already exists, or it names a statement the client never
     prepared): the server's error is replaced by the one PostgreSQL would have sent.
 
-After an ErrorResponse PostgreSQL skips every message up to the next Sync (docs 55.2.3,
-"Extended Query"), so the entries up to the next L{SYNC} are dropped and whatever they were
-going to create is undone.
+After an ErrorResponse to an extended-protocol message PostgreSQL skips every message up to
+the next Sync, Queries included (docs 55.2.3, "Extended Query"), so the entries up to the next
+L{SYNC} are dropped and whatever they were going to create is undone.  An error to a Query
+skips nothing: it is told apart by the entry at the head of the queue, a L{QUERY}.  Entries are
+kept for every server in transaction mode, whether statements are remapped or not (then the
+client's Parse and Close have L{FORWARD} entries).
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ UNNAMED = 7
 FAKE_ERROR = 8
 UNNAMED_PARSE = 9
 SWALLOW = 10
+QUERY = 11
+PROBE = 12
+QUERY_ERROR = 13
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 
@@ -78,7 +91,8 @@ class Entry:
 
 _KIND_NAMES = {SYNC: "SYNC", FORWARD: "FORWARD", PARSED: "PARSED", AS_PARSE: "AS_PARSE",
                INJECTED: "INJECTED", CLOSED: "CLOSED", UNNAMED: "UNNAMED",
-               FAKE_ERROR: "FAKE_ERROR", UNNAMED_PARSE: "UNNAMED_PARSE", SWALLOW: "SWALLOW"}
+               FAKE_ERROR: "FAKE_ERROR", UNNAMED_PARSE: "UNNAMED_PARSE", SWALLOW: "SWALLOW",
+               QUERY: "QUERY", PROBE: "PROBE", QUERY_ERROR: "QUERY_ERROR"}
 
 #: Shared entries that carry nothing of their own.
 SYNC_ENTRY = Entry(SYNC)
@@ -86,6 +100,8 @@ FORWARD_ENTRY = Entry(FORWARD)
 UNNAMED_ENTRY = Entry(UNNAMED)
 UNNAMED_PARSE_ENTRY = Entry(UNNAMED_PARSE)
 SWALLOW_ENTRY = Entry(SWALLOW)
+QUERY_ENTRY = Entry(QUERY)
+PROBE_ENTRY = Entry(PROBE)
 
 
 class Internal:
@@ -126,12 +142,13 @@ class Link:
     """
 
     __slots__ = ("pending", "dirty", "in_transaction", "expect", "statements", "unnamed",
-                 "replies", "internal", "tainted", "remap")
+                 "replies", "internal", "tainted", "track")
 
-    def __init__(self, cache_size: int, remap: bool = False):
-        #: statements are remapped on this server (transaction mode, cache on): every
-        #: ParseComplete and CloseComplete has an entry.
-        self.remap = remap
+    def __init__(self, cache_size: int, track: bool = False):
+        #: transaction mode: every message that PostgreSQL answers with ReadyForQuery,
+        #: ParseComplete or CloseComplete has an entry, so that the server goes back to the
+        #: pool knowing what it owes.
+        self.track = track
         self.pending = 0
         self.dirty = False
         self.in_transaction = False
@@ -159,7 +176,8 @@ class Link:
         """A ReadyForQuery for a client's Sync/Query/FunctionCall."""
         expect = self.expect
         if expect:
-            if expect[0].kind != SYNC:
+            kind = expect[0].kind
+            if kind != SYNC and kind != QUERY:
                 # Messages before this Sync got no reply: they were skipped after an error we
                 # have not seen, or never reached PostgreSQL as we think.
                 self.taint("ReadyForQuery before the replies to %r" % (expect[0],))
@@ -179,12 +197,12 @@ class Link:
         """
         expect = self.expect
         if not expect:
-            if self.remap:
+            if self.track:
                 self.taint("ParseComplete/CloseComplete nobody asked for")
             return None
         entry = expect[0]
         kind = entry.kind
-        if kind == SYNC or kind == FAKE_ERROR:
+        if kind == SYNC or kind == QUERY or kind == FAKE_ERROR or kind == QUERY_ERROR:
             self.taint("ParseComplete/CloseComplete where %r was expected" % (entry,))
             return None
         expect.popleft()
@@ -196,7 +214,7 @@ class Link:
             return b""
         if kind == AS_PARSE:
             return PARSE_COMPLETE
-        if kind == SWALLOW or kind == CLOSED or kind == UNNAMED:
+        if kind == SWALLOW or kind == CLOSED or kind == UNNAMED or kind == PROBE:
             return b""
         return None  # FORWARD, UNNAMED_PARSE
 
@@ -209,9 +227,14 @@ class Link:
         """
         expect = self.expect
         replace = None
-        if expect and expect[0].kind == FAKE_ERROR:
-            replace = expect[0].reply
-        self.skipped()
+        if expect:
+            kind = expect[0].kind
+            if kind == QUERY_ERROR:
+                replace = expect.popleft().reply
+            elif kind != QUERY:
+                if kind == FAKE_ERROR:
+                    replace = expect[0].reply
+                self.skipped()
         if replace is None and names and PREFIX in message:
             body = message[5:]
             for cname, stmt in names.items():
@@ -224,13 +247,17 @@ class Link:
         """
         Drop the entries up to the next Sync, undoing what their messages were to create: the
         client's name (L{PARSED}, L{AS_PARSE}) and this server's copy (L{PARSED},
-        L{INJECTED}); a skipped Close of an evicted statement leaves it on the server.
+        L{INJECTED}); a skipped Close of an evicted statement leaves it on the server; a
+        skipped Query gets no ReadyForQuery.  Until a Sync is sent the server stays in that
+        state, so it is dirty.
         """
         expect = self.expect
         while expect and expect[0].kind != SYNC:
             entry = expect.popleft()
             kind = entry.kind
-            if kind == PARSED or kind == AS_PARSE:
+            if kind == QUERY:
+                self.pending -= 1
+            elif kind == PARSED or kind == AS_PARSE:
                 names = entry.names
                 if names is not None and names.get(entry.name) is entry.stmt:
                     del names[entry.name]
@@ -242,6 +269,8 @@ class Link:
                 self.statements.restore(entry.name)
             elif kind == UNNAMED or kind == UNNAMED_PARSE:
                 self.unnamed = None
+        if not expect:
+            self.dirty = True
 
     # -- the pooler's own queries -----------------------------------------------------------
 

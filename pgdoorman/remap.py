@@ -183,7 +183,7 @@ class Remapper:
         if stmt is None:
             # PostgreSQL's 26000 for the client's name, from a DEALLOCATE that fails the same
             # way; the name itself never reaches a server.
-            link.expect.append(Entry(_link.FAKE_ERROR, reply=does_not_exist(target)))
+            link.expect.append(Entry(_link.QUERY_ERROR, reply=does_not_exist(target)))
             return DEALLOCATE_NOTHING
         # Deallocate the server's copy under its own name (it is re-Parsed on demand): the
         # client sees the same CommandComplete and ReadyForQuery as without a pooler.

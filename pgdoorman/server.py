@@ -83,8 +83,7 @@ class ServerConnection(protocol.Protocol):
         #: RECONNECT or a reload asked to close this server when its client is done.
         self.close_needed = False
         self.link = Link(settings.server_prepared_statements_cache_size or 0,
-                         remap=settings.pool_mode == "transaction"
-                         and bool(settings.prepared_statements_cache_size))
+                         track=settings.pool_mode == "transaction")
         self._scanner = Scanner(self._reply, _INSPECT)
         self._messages = MessageBuffer()
         self._release = False
