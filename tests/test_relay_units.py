@@ -139,3 +139,91 @@ def test_in_transaction_keeps_the_server():
     client.dataReceived(M.query("COMMIT"))
     server.dataReceived(M.command_complete("COMMIT") + M.ready_for_query(b"I"))
     assert client.server is None
+
+
+# -- invariants of the link (issue 13) ---------------------------------------------------------
+
+def bind(stmt_name, portal=b""):
+    return M.message(b"B", portal + b"\x00" + stmt_name + b"\x00\x00\x00\x00\x00\x00\x00")
+
+
+EXECUTE = M.message(b"E", b"\x00\x00\x00\x00\x00")
+SYNTAX_ERROR = M.error_response("ERROR", "42601", 'syntax error at or near "DOORMAN_ERROR"')
+
+
+def test_a_statement_the_client_never_prepared_gets_26000_and_its_name_never_reaches_a_server():
+    pool, client, server = wire()
+    client.dataReceived(bind(b"_pg3_0") + EXECUTE + M.SYNC_MESSAGE)
+    sent = server.transport.value()
+    assert b"_pg3_0" not in sent
+    server.dataReceived(SYNTAX_ERROR + M.ready_for_query(b"I"))
+    reply = client.transport.value()
+    assert b"26000" in reply and b'prepared statement "_pg3_0" does not exist' in reply
+    assert b"DOORMAN" not in reply
+    assert list(pool.idle) == [server] and server.link.settled()
+
+
+def test_describe_and_close_of_unknown_names_stay_with_pgdoorman():
+    pool, client, server = wire()
+    client.dataReceived(M.message(b"C", b"Sghost\x00") + M.message(b"D", b"Sghost\x00")
+                        + M.SYNC_MESSAGE)
+    assert b"ghost" not in server.transport.value()
+    # CloseComplete for the Close of nothing, then the failing Parse's error, then Z.
+    server.dataReceived(b"3\x00\x00\x00\x04" + SYNTAX_ERROR + M.ready_for_query(b"I"))
+    reply = client.transport.value()
+    assert reply.startswith(b"3\x00\x00\x00\x04")
+    assert b'prepared statement "ghost" does not exist' in reply
+    assert server.link.settled()
+
+
+def test_a_bind_of_the_unnamed_statement_never_uses_another_clients():
+    pool, client, server = wire()
+    server.link.unnamed = b"SELECT secret\x00\x00\x00"  # someone else's, left on the server
+    client.dataReceived(bind(b"") + EXECUTE + M.SYNC_MESSAGE)
+    assert server.transport.value().startswith(b"P")  # the failing Parse, not the Bind
+    server.dataReceived(SYNTAX_ERROR + M.ready_for_query(b"I"))
+    assert b"unnamed prepared statement does not exist" in client.transport.value()
+
+
+def test_a_commit_after_a_failed_cursor_fetch_is_skipped_until_sync():
+    """asyncpg: Bind/Execute/Flush, then a simple COMMIT; the Execute fails."""
+    pool, client, server = wire()
+    client.dataReceived(M.query("BEGIN; DECLARE c CURSOR FOR SELECT 1"))
+    server.dataReceived(M.command_complete("BEGIN") + M.command_complete("DECLARE CURSOR")
+                        + M.ready_for_query(b"T"))
+    client.dataReceived(bind(b"") + EXECUTE + M.message(b"H"))
+    client.dataReceived(M.query("COMMIT"))
+    sent = server.transport.value()
+    assert sent.endswith(b"C\x00\x00\x00\x12SDOORMAN_NONE\x00" + M.query("COMMIT"))
+    # The Bind fails (no unnamed statement: ours); PostgreSQL skips the probe and COMMIT.
+    server.dataReceived(SYNTAX_ERROR)
+    assert client.server is server and server.link.pending == 0 and server.link.dirty
+    client.dataReceived(M.SYNC_MESSAGE)
+    server.dataReceived(M.ready_for_query(b"E"))
+    assert client.server is server  # still in the failed transaction
+    client.dataReceived(M.query("ROLLBACK"))
+    server.dataReceived(M.command_complete("ROLLBACK") + M.ready_for_query(b"I"))
+    assert client.server is None and list(pool.idle) == [server]
+
+
+def test_a_commit_after_a_good_fetch_runs_and_releases():
+    pool, client, server = wire()
+    client.dataReceived(M.query("BEGIN; DECLARE c CURSOR FOR SELECT 1"))
+    server.dataReceived(M.command_complete("BEGIN") + M.command_complete("DECLARE CURSOR")
+                        + M.ready_for_query(b"T"))
+    client.dataReceived(M.message(b"P", b"\x00SELECT 1\x00\x00\x00") + bind(b"") + EXECUTE
+                        + M.message(b"H") + M.query("COMMIT"))
+    server.dataReceived(b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04"
+                        + M.command_complete("SELECT 1") + b"3\x00\x00\x00\x04"
+                        + M.command_complete("COMMIT") + M.ready_for_query(b"I"))
+    reply = client.transport.value()
+    assert b"3\x00\x00\x00\x04" not in reply  # the probe's CloseComplete is ours
+    assert client.server is None and server.link.settled() and list(pool.idle) == [server]
+
+
+def test_a_client_gone_mid_pipeline_takes_its_server_with_it():
+    pool, client, server = wire()
+    client.factory = type("F", (), {"connections": 1})()
+    client.dataReceived(M.message(b"P", b"s\x00SELECT 1\x00\x00\x00") + bind(b"s"))
+    client.connectionLost()
+    assert server.closing and server not in pool.idle and server not in pool.servers
