@@ -3,18 +3,13 @@ The client side: one application connection to the pooler.
 
 L{ClientConnection} is the Protocol.  Its phases are objects that take turns reading
 (L{ClientConnection.enter}): L{pgdoorman.login.Startup} and L{pgdoorman.login.Authentication},
-then the admin console (L{pgdoorman.admin.AdminSession}) or the relay to a pool.  In the relay
-a L{Scanner} walks message headers and hands the few messages that matter to
-L{ClientConnection._message}: Sync, Query and FunctionCall each promise one ReadyForQuery,
-extended-protocol messages after the last Sync mean the server is mid-pipeline, Terminate means
-goodbye, and in transaction mode statement messages are renamed (L{pgdoorman.remap}).  What the
-server owes is written on its L{pgdoorman.link.Link}, which decides when it may go back to the
-pool.
+then the admin console (L{pgdoorman.admin.AdminSession}) or L{pgdoorman.relay.Relay}.  The
+connection itself holds what every phase shares (the session, the pool, the server it holds,
+the bytes waiting for a server) and speaks to the pool: checkout, release, a server lost.
 """
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import Dict, List, Optional
 
@@ -22,47 +17,15 @@ from twisted.internet import protocol, reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
-from pgdoorman import prepared as _prepared
 from pgdoorman import sockopts
-from pgdoorman.link import FORWARD_ENTRY, PROBE_ENTRY, QUERY_ENTRY, SYNC_ENTRY
 from pgdoorman.login import ADMIN_DATABASES, Startup
 from pgdoorman.protocol import errors, messages
-from pgdoorman.protocol.framing import STOP, WHOLE, FramingError, Scanner
+from pgdoorman.relay import Relay
 from pgdoorman.remap import Remapper
 from pgdoorman.sendnow import make_sender
 from pgdoorman.session import ClientSession
 
 __all__ = ["ADMIN_DATABASES", "ClientConnection", "ClientFactory"]
-
-_unpack_len = struct.Struct("!I").unpack_from
-_monotonic = time.monotonic
-
-_QUERY = messages.QUERY
-_PARSE = messages.PARSE
-_BIND = messages.BIND
-_DESCRIBE = messages.DESCRIBE
-_CLOSE = messages.CLOSE
-_SYNC = messages.SYNC
-_FUNCTION_CALL = messages.FUNCTION_CALL
-_TERMINATE = messages.TERMINATE
-_EXECUTE = messages.EXECUTE
-#: Valid messages that need nothing from the relay: COPY data from the client, and Flush
-#: (drivers send it after a Sync too, and on its own it starts nothing on the server that
-#: would keep it from going back to the pool).
-_PASS = frozenset((messages.COPY_DATA, messages.COPY_DONE, messages.COPY_FAIL, messages.FLUSH))
-#: Every other message is looked at; unknown codes end the client.
-_INSPECT = frozenset(range(256)) - _PASS
-#: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
-_SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
-#: Queries up to this size are read whole when they need a look (DEALLOCATE and friends);
-#: longer ones pass through as they arrive.
-_LOOK_LIMIT = 65536
-_IN_TRANSACTION_REPLY = messages.ready_for_query(b"T")
-_IDLE_REPLY = messages.ready_for_query(b"I")
-_EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
-#: First bytes of a simple query that the pooler may answer alone (BEGIN, START TRANSACTION,
-#: the ";" check query); COMMIT/ROLLBACK only matter after a deferred BEGIN.
-_MAYBE_ALONE = frozenset(b"bBsS;")
 
 #: Time allowed from TCP connect to a logged-in client (PostgreSQL's authentication_timeout),
 #: when the config has no general.client_login_timeout.
@@ -95,7 +58,7 @@ class ClientConnection(protocol.Protocol):
     @ivar waiting: it is in its pool's queue for a server.
     @ivar closed: it is gone or going; nothing more is sent to it.
     @ivar remap: its prepared statements (transaction mode with the cache on), else None.
-    @ivar deferred_begin: a lone BEGIN answered without a server, sent ahead of the next query.
+    @ivar relay: its relay phase, once it joined a pool.
     """
 
     log = Logger()
@@ -115,7 +78,7 @@ class ClientConnection(protocol.Protocol):
         self.waiting = False
         self.closed = False
         self.remap: Optional[Remapper] = None
-        self.deferred_begin: Optional[bytes] = None
+        self.relay: Optional[Relay] = None
         #: the client asked for TLS and got it (SSLRequest answered 'S').
         self.tls = False
         #: the peer's IP address (for pg_hba), None for a Unix socket.
@@ -134,16 +97,12 @@ class ClientConnection(protocol.Protocol):
         self.adopting: Optional[ClientSession] = None
         #: handed to the next process: its connection closes here without a goodbye.
         self.migrated = False
-        self._scanner = Scanner(self._message, _INSPECT)
         self._queued: List[bytes] = []
         self._queued_len = 0
         self._login_pending = False
         self._wanted: Dict[str, str] = {}
         self._login_timer = None
         self._paused = False
-        self._terminate = False
-        self._tx = False
-        self._check_query: Optional[bytes] = None
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -264,13 +223,12 @@ class ClientConnection(protocol.Protocol):
         if scram_client_key is not None and pool.scram_client_key is None:
             pool.scram_client_key = scram_client_key
         pool.clients += 1
-        self._tx = pool.transaction_mode
-        if self._tx and pool.settings.prepared_statements_cache_size:
+        if pool.transaction_mode and pool.settings.prepared_statements_cache_size:
             self.remap = Remapper(pool.statements)
         general = self.service.config.general
-        # Only an empty check query (";") has an answer we can give without PostgreSQL.
         check = general.pooler_check_query.strip().rstrip(";").strip()
-        self._check_query = None if check else general.pooler_check_query.encode("utf-8")
+        self.relay = Relay(self, pool.transaction_mode, self.remap,
+                           None if check else general.pooler_check_query.encode("utf-8"))
 
     def _needsServerForParams(self) -> bool:
         """
@@ -339,13 +297,19 @@ class ClientConnection(protocol.Protocol):
         out.append(messages.ready_for_query(b"I"))
         self.login_done()
         self.transport.write(b"".join(out))
-        self.dataReceived = self.relay
-        self.phase = self
+        self.enter(self.relay)
         if self._queued:
             queued = b"".join(self._queued)
             self._queued = []
             self._queued_len = 0
-            self.relay(queued)
+            self.relay.dataReceived(queued)
+
+    def wait_for_server(self, data: bytes) -> None:
+        """C{data} needs a server: queue it and ask the pool for one."""
+        self._queued.append(data)
+        self._queued_len = len(data)
+        self.waiting = True
+        self.pool.checkout(self)
 
     def queue(self, data: bytes) -> None:
         """Bytes that arrive while no server can take them wait their turn, up to a limit."""
@@ -355,230 +319,6 @@ class ClientConnection(protocol.Protocol):
             self._pauseReading()
 
     # -- the relay ---------------------------------------------------------------------------
-
-    def relay(self, data: bytes) -> None:
-        """
-        Bytes from a logged-in client: to its server, or queued while the pool finds one.
-
-        Without a server, a lone BEGIN (and the COMMIT/ROLLBACK right after it) is answered
-        here, taking no server at all: deferred BEGIN; so is a PQprepare of statements the
-        pool knows.
-        """
-        if self.server is not None:
-            self._process(data)
-            return
-        if self.waiting:
-            self.queue(data)
-            return
-        if self._tx and self._scanner.between_messages and len(data) > 5:
-            first = data[0]
-            if first == _QUERY and (data[5] in _MAYBE_ALONE or self.deferred_begin is not None) \
-                    and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
-                return
-            if first == _PARSE and self.remap is not None:
-                found = self.remap.answer_locally(data)
-                if found:
-                    self.query_count += 1
-                    status = b"T" if self.deferred_begin is not None else b"I"
-                    self.send(_prepared.PARSE_COMPLETE * found + messages.ready_for_query(status))
-                    return
-        self._queued.append(data)
-        self._queued_len = len(data)
-        self.waiting = True
-        self.pool.checkout(self)
-
-    def _answerAlone(self, data: bytes) -> bool:
-        """Answer a lone BEGIN, or COMMIT/ROLLBACK after one, without a server."""
-        query = data[5:-1]
-        if self.deferred_begin is None:
-            if query == self._check_query:
-                # pooler_check_query (";" by default): health checks never take a server.
-                self.send(_EMPTY_QUERY_REPLY)
-                return True
-            # Cheap look at the first bytes before any regex: most queries are not BEGIN.
-            first = query[:1]
-            if not (first in b"bB" or (first in b"sS" and query[:6].lower() == b"start ")):
-                return False
-            tag = _prepared.begin_tag(query)
-            if tag is None:
-                return False
-            self.deferred_begin = data
-            self.send(messages.message(b"C", tag + b"\x00") + _IN_TRANSACTION_REPLY)
-            return True
-        tag = _prepared.end_tag(query)
-        if tag is None:
-            return False
-        self.deferred_begin = None
-        self.send(messages.message(b"C", tag + b"\x00") + _IDLE_REPLY)
-        return True
-
-    def _process(self, data: bytes, ahead: Optional[bytes] = None) -> None:
-        """
-        Send the client's bytes on to C{self.server}, rewritten where needed (see
-        L{_message}); C{ahead}: bytes of the pooler's own to send first, in the same write.
-        """
-        server = self.server
-        n = len(data)
-        self.client_bytes += n
-        link = server.link
-        if n > 5 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
-                data[5] not in _SQL_STATEMENT_FIRST and not link.dirty and \
-                self._scanner.between_messages and \
-                (self.remap is None or not _prepared.may_drop_statements(data)):
-            # The common case, one whole simple Query: no scan, nothing to rewrite.
-            if not link.pending:
-                server.query_start = _monotonic()
-            link.pending += 1
-            if self._tx:
-                link.expect.append(QUERY_ENTRY)
-                link.unnamed = None
-            self.query_count += 1
-            server.send(ahead + data if ahead else data)
-            return
-        before = link.pending
-        try:
-            out = self._scanner.feed(data)
-        except FramingError as e:
-            self.fatal(errors.PgError(errors.PROTOCOL_VIOLATION, str(e)))
-            return
-        if self.closed and not self._terminate:
-            return  # ended by what it sent (an unknown message type): none of it goes on
-        if before == 0 and link.pending:
-            server.query_start = _monotonic()
-        self.query_count += link.pending - before
-        if ahead:
-            out = ahead + out if out else ahead
-        if out:
-            server.send(out)
-        if self._terminate:
-            self.close()
-
-    def _message(self, code: int, data: bytes, pos: int, end: int, n: int):
-        """
-        One message from the client, for the L{Scanner}: what to send instead (None: as is).
-
-        In transaction mode with prepared statements on, Parse/Bind/Describe/Close are
-        rewritten to the server-side statement names (L{pgdoorman.remap}) and every message
-        that PostgreSQL answers with ParseComplete, CloseComplete or ReadyForQuery leaves an
-        entry on the server's link.
-        """
-        link = self.server.link
-        remap = self.remap
-        if code == _SYNC:
-            link.pending += 1
-            link.dirty = False
-            if self._tx:
-                link.expect.append(SYNC_ENTRY)
-            return None
-        if code == _QUERY:
-            return self._query(data, pos, end, n, link)
-        if code == _EXECUTE:
-            link.dirty = True
-            return None
-        if code == _PARSE or code == _BIND or code == _DESCRIBE or code == _CLOSE:
-            link.dirty = True
-            if remap is None:
-                if self._tx and (code == _PARSE or code == _CLOSE):
-                    link.expect.append(FORWARD_ENTRY)
-                return None
-            if end > n:
-                return WHOLE
-            try:
-                if code == _BIND:
-                    return remap.bind(data, pos, end, link)
-                if code == _PARSE:
-                    return remap.parse(data, pos, end, link)
-                if code == _DESCRIBE:
-                    return remap.describe(data, pos, end, link)
-                return remap.close(data, pos, end, link)
-            except (ValueError, IndexError):
-                # A name without its NUL, a Bind cut short: PostgreSQL would say the same and
-                # close the connection.
-                self.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
-                                          "invalid %s message format" % chr(code)))
-                return STOP
-        if code == _FUNCTION_CALL:
-            if self._tx and link.dirty and end > n:
-                return WHOLE
-            probe = self._probe(link)
-            if self._tx:
-                link.expect.append(QUERY_ENTRY)
-            link.pending += 1
-            link.dirty = False
-            return probe + data[pos:end] if probe is not None else None
-        if code == _TERMINATE:
-            self._terminate = True
-            return STOP
-        # PostgreSQL would end this connection at the message; sent on, it would end a server
-        # that may by then belong to another client.
-        self.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
-                                  "invalid frontend message type %d" % code))
-        return STOP
-
-    def _probe(self, link) -> Optional[bytes]:
-        """
-        A Query or FunctionCall sent in the middle of a pipeline is skipped by PostgreSQL if a
-        message before it failed: in transaction mode a probe goes first to tell (see
-        L{pgdoorman.link.PROBE}); returns its bytes, or None when none is needed.
-        """
-        if self._tx and link.dirty:
-            link.expect.append(PROBE_ENTRY)
-            return _prepared.CLOSE_NOTHING
-        return None
-
-    def _query(self, data: bytes, pos: int, end: int, n: int, link):
-        """A simple Query: counted; DEALLOCATE, DISCARD and RESET are looked at whole."""
-        replacement = None
-        if self._tx:
-            remap = self.remap
-            look = end - pos <= _LOOK_LIMIT and (self.startup_values or remap is not None)
-            if end > n and (look or link.dirty):
-                return WHOLE
-            probe = self._probe(link)
-            if look:
-                query = data[pos + 5:end - 1]
-                if not query or query[0] in _SQL_STATEMENT_FIRST:
-                    if self.startup_values:
-                        replacement = self._reset(link, query)
-                    if replacement is None and remap is not None:
-                        replacement = remap.sql(query, link)
-                elif remap is not None and _prepared.may_drop_statements(query):
-                    link.taint("statements dropped by a query pgdoorman does not parse")
-            link.unnamed = None  # a simple query replaces the unnamed statement
-            link.expect.append(QUERY_ENTRY)
-            if probe is not None:
-                replacement = probe + (replacement or data[pos:end])
-        link.pending += 1
-        link.dirty = False
-        return replacement
-
-    def _reset(self, link, query: bytes) -> Optional[bytes]:
-        """
-        RESET of a parameter the client set at startup: PostgreSQL would go back to the
-        client's startup value, the shared server goes back to its own; so the RESET is
-        followed by a query of ours that sets the startup value again, and the client sees
-        its ParameterStatus.  DISCARD ALL resets everything too.
-        """
-        text = query.decode("utf-8", "replace")
-        name = _params.parse_reset(text)
-        if name is None:
-            if not _prepared.is_discard_all(query):
-                return None
-            name = "ALL"
-        if name == "ALL":
-            values = dict(self.startup_values)
-        elif name in self.startup_values:
-            values = {name: self.startup_values[name]}
-        else:
-            return None
-        server = self.server
-        for k in values:
-            if k in _params.STARTUP_ONLY:
-                server.params[k] = None
-        original = messages.query(text)
-        if self.remap is not None and _prepared.is_discard_all(query):
-            self.remap.sql(query, link)
-        return original + server.append_internal(_params.sync_sql(values, {}), link.pending + 1)
 
     # -- the pool's side -----------------------------------------------------------------------
 
@@ -599,14 +339,15 @@ class ClientConnection(protocol.Protocol):
         if self.params != server.params:
             ahead = server.prepend_internal(_params.sync_sql(self.params, server.params))
             server.params.update(self.params)
-        if self.deferred_begin is not None:
-            begin = server.prepend_internal_message(self.deferred_begin)
+        relay = self.relay
+        if relay.deferred_begin is not None:
+            begin = server.prepend_internal_message(relay.deferred_begin)
             ahead = ahead + begin if ahead else begin
-            self.deferred_begin = None
+            relay.deferred_begin = None
         queued = self._queued
         self._queued = []
         self._queued_len = 0
-        self._process(queued[0] if len(queued) == 1 else b"".join(queued), ahead)
+        relay.process(queued[0] if len(queued) == 1 else b"".join(queued), ahead)
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -616,7 +357,7 @@ class ClientConnection(protocol.Protocol):
         pool = self.pool
         pool.stats.xact_count += 1
         if pool.transaction_mode and not self._login_pending and self.server is server \
-                and self._scanner.between_messages:
+                and self.relay.scanner.between_messages:
             self.server = None
             if self.transport.producer is not None:
                 self.transport.unregisterProducer()
@@ -663,8 +404,8 @@ class ClientConnection(protocol.Protocol):
         if server.closing:
             return
         link = server.link
-        if link.pending or link.dirty or not self._scanner.between_messages or \
-                link.tainted or link.expect:
+        if link.pending or link.dirty or link.tainted or link.expect or \
+                (self.relay is not None and not self.relay.scanner.between_messages):
             # Replies are still on their way, a message is half sent or the record of the
             # server's state is in doubt: nobody else can use this connection safely.
             self._discard(server)
@@ -743,11 +484,11 @@ class ClientConnection(protocol.Protocol):
         so what Twisted has read has been processed.
         """
         t = self.transport
-        return (self.phase is self and not self.closed
+        return (self.relay is not None and self.phase is self.relay and not self.closed
                 and self.server is None and not self.waiting and not self._login_pending
-                and self.deferred_begin is None and self._scanner.between_messages
+                and self.relay.idle()
                 and not self._queued and not self.tls and not self._paused
-                and not self._terminate and self.cancel_key is not None
+                and self.cancel_key is not None
                 and t is not None and not getattr(t, "dataBuffer", b"")
                 and not getattr(t, "_tempDataLen", 0) and t.producer is None)
 
@@ -789,8 +530,7 @@ class ClientConnection(protocol.Protocol):
         self.query_count = s.query_count
         self.client_bytes = s.client_bytes
         self.cancel_key = self.service.adopt_client(self, s.cancel_key)
-        self.dataReceived = self.relay
-        self.phase = self
+        self.enter(self.relay)
 
 
 class ClientFactory(protocol.Factory):

@@ -533,7 +533,8 @@ class Upgrade:
                 counts["TLS"] += 1
             elif c.server is not None and not c.pool.transaction_mode:
                 counts["session mode with a server"] += 1
-            elif c.server is not None or c.deferred_begin is not None:
+            elif c.server is not None or (c.relay is not None
+                                          and c.relay.deferred_begin is not None):
                 counts["in a transaction"] += 1
             elif c.cancel_key is None:
                 counts["logging in"] += 1

@@ -62,7 +62,7 @@ pools:
     client.pool = pool
     client.params = dict(server.params)
     client._joinPool(pool, None)
-    client.dataReceived = client.relay
+    client.enter(client.relay)
     return pool, client, server
 
 
