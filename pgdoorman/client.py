@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from pgdoorman import params as _params
 from pgdoorman import sockopts
-from pgdoorman.login import ADMIN_DATABASES, Startup
+from pgdoorman.login import ADMIN_DATABASES, Joining, Startup
 from pgdoorman.protocol import errors, messages
 from pgdoorman.relay import Relay
 from pgdoorman.remap import Remapper
@@ -41,13 +41,6 @@ class _Closed:
     @staticmethod
     def dataReceived(data: bytes) -> None:
         pass
-
-
-class _Queueing:
-    """Logged in, waiting for the pool to tell us the server's parameters: bytes wait."""
-
-    def __init__(self, client):
-        self.dataReceived = client.queue
 
 
 class ClientConnection(protocol.Protocol):
@@ -99,8 +92,6 @@ class ClientConnection(protocol.Protocol):
         self.migrated = False
         self._queued: List[bytes] = []
         self._queued_len = 0
-        self._login_pending = False
-        self._wanted: Dict[str, str] = {}
         self._login_timer = None
         self._paused = False
 
@@ -186,7 +177,7 @@ class ClientConnection(protocol.Protocol):
     # -- after authentication ------------------------------------------------------------------
 
     def authenticated(self, scram_client_key: Optional[bytes] = None) -> None:
-        """The client proved who it is: join the pool and learn the server's parameters."""
+        """The client proved who it is: the admin console, or join the pool."""
         s = self.session
         self.scram_client_key = scram_client_key
         self.transport.write(messages.authentication_ok())
@@ -194,25 +185,10 @@ class ClientConnection(protocol.Protocol):
             from pgdoorman.admin import AdminSession
             AdminSession(self)
             return
-        self.enter(_Queueing(self))
         pool = self.service.get_pool(s.database, s.user)
         self._joinPool(pool, scram_client_key)
-        wanted: Dict[str, str] = {}
-        startup = dict(s.startup)
-        startup.update(_params.parse_options(startup.get("options", "")))
-        for name, value in startup.items():
-            canonical = _params.CANONICAL.get(name.lower())
-            if canonical is not None:
-                wanted[canonical] = value
-        self._wanted = wanted
-        if pool.default_params is None or self._needsServerForParams():
-            self._login_pending = True
-            self.waiting = True
-            pool.checkout(self)
-        else:
-            self.params = self._paramsFromDefaults()
-            self.startup_values = {k: self.params[k] for k in wanted}
-            self._finishLogin()
+        self.enter(Joining(self))
+        self.phase.start()
 
     def _joinPool(self, pool, scram_client_key: Optional[bytes]) -> None:
         """
@@ -230,60 +206,8 @@ class ClientConnection(protocol.Protocol):
         self.relay = Relay(self, pool.transaction_mode, self.remap,
                            None if check else general.pooler_check_query.encode("utf-8"))
 
-    def _needsServerForParams(self) -> bool:
-        """
-        A reported parameter whose value differs from the pool's default must be SET on a
-        server once, so that we learn PostgreSQL's spelling of it ("utf8" is "UTF8").
-        """
-        defaults = self.pool.default_params
-        for name, value in self._wanted.items():
-            if name in _params.REPORTED:
-                have = defaults.get(name)
-                if have is None or have.lower() != value.lower():
-                    return True
-        return False
-
-    def _paramsFromDefaults(self) -> Dict[str, Optional[str]]:
-        p = dict(self.pool.default_params)
-        for name, value in self._wanted.items():
-            if name in _params.STARTUP_ONLY:
-                p[name] = value
-        return p
-
-    def _loginWithServer(self, server) -> None:
-        """Learn the server's spelling of the client's startup parameters, then go on."""
-        self.params = self._paramsFromDefaults()
-        sql = _params.sync_sql({k: v for k, v in self._wanted.items()
-                                if k in _params.STARTUP_ONLY or
-                                (server.params.get(k) or "").lower() != v.lower()},
-                               server.params)
-
-        def done(err):
-            if self.closed:
-                self._giveBack(server)
-                return
-            if err is not None:
-                self._giveBack(server)
-                err.severity = "FATAL"
-                self.fatal(err, "startup parameter rejected by the server")
-                return
-            for k in self._wanted:
-                if k in _params.REPORTED:
-                    self.params[k] = server.params.get(k)
-            for k in _params.STARTUP_ONLY:
-                server.params[k] = self.params[k]
-            self.startup_values = {k: self.params[k] for k in self._wanted}
-            self._login_pending = False
-            if self.pool.transaction_mode:
-                self._giveBack(server)
-            self._finishLogin()
-
-        if sql:
-            server.run_internal(sql).addCallback(done)
-        else:
-            done(None)
-
-    def _finishLogin(self) -> None:
+    def logged_in(self) -> None:
+        """Parameters known: tell the client, register its cancel key, start the relay."""
         s = self.session
         pool = self.pool
         out = []
@@ -329,11 +253,11 @@ class ClientConnection(protocol.Protocol):
         """
         self.waiting = False
         if self.closed:
-            self._giveBack(server)
+            self.give_back(server)
             return
         self.server = server
-        if self._login_pending:
-            self._loginWithServer(server)
+        if isinstance(self.phase, Joining):
+            self.phase.serverAssigned(server)
             return
         ahead = None
         if self.params != server.params:
@@ -356,7 +280,8 @@ class ClientConnection(protocol.Protocol):
         """The server answered everything we sent and is idle outside a transaction."""
         pool = self.pool
         pool.stats.xact_count += 1
-        if pool.transaction_mode and not self._login_pending and self.server is server \
+        if pool.transaction_mode and not isinstance(self.phase, Joining) and \
+                self.server is server \
                 and self.relay.scanner.between_messages:
             self.server = None
             if self.transport.producer is not None:
@@ -394,7 +319,7 @@ class ClientConnection(protocol.Protocol):
         server.close()
         self.pool.server_lost(server)
 
-    def _giveBack(self, server) -> None:
+    def give_back(self, server) -> None:
         """Return a server to the pool after this client, cleaning up what it left."""
         if server.client is not self and server.client is not None:
             return
@@ -467,7 +392,7 @@ class ClientConnection(protocol.Protocol):
                 pool.cancel_wait(self)
             server = self.server
             if server is not None:
-                self._giveBack(server)
+                self.give_back(server)
         if self.service.config.general.log_client_disconnections and self.session.user \
                 and not self.migrated:
             self.log.info("client {peer} ({user}@{db}) disconnected", peer=self.peer,
@@ -485,7 +410,7 @@ class ClientConnection(protocol.Protocol):
         """
         t = self.transport
         return (self.relay is not None and self.phase is self.relay and not self.closed
-                and self.server is None and not self.waiting and not self._login_pending
+                and self.server is None and not self.waiting
                 and self.relay.idle()
                 and not self._queued and not self.tls and not self._paused
                 and self.cancel_key is not None

@@ -1,12 +1,13 @@
 """
-The first two phases of a client connection: the startup packet, then authentication.
+The first phases of a client connection: the startup packet, authentication, joining a pool.
 
 Each phase is an object with a C{dataReceived}; L{pgdoorman.client.ClientConnection.enter}
 makes it the one that reads.  L{Startup} answers SSLRequest, GSSENCRequest and CancelRequest
 and reads the StartupMessage; L{Authentication} asks for and checks the credential that the
 pg_hba rule and the user's configured secret call for (trust, cert, cleartext, md5,
 SCRAM-SHA-256, PAM, JWT) and then hands the client to its pool
-(L{pgdoorman.client.ClientConnection.authenticated}).  Refusals use PostgreSQL's words.
+(L{pgdoorman.client.ClientConnection.authenticated}); L{Joining} learns the parameters the
+client will see.  Refusals use PostgreSQL's words.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Dict, Optional
 
 from twisted.logger import Logger
 
+from pgdoorman import params as _params
 from pgdoorman import tls as _tls
 from pgdoorman.auth import hba as _hba
 from pgdoorman.auth import jwt as _jwt
@@ -424,3 +426,84 @@ class Authentication:
             client.fatal(failed, "PAM error: %s" % failure.getErrorMessage())
 
         _pam.authenticate_deferred(state, user, given).addCallbacks(checked, broken)
+
+
+class Joining:
+    """
+    Logged in, not yet told the server's parameters.  A startup parameter whose value
+    differs from the pool's defaults is SET on a server once, so that we learn PostgreSQL's
+    spelling of it ("utf8" is "UTF8"); bytes the client sends meanwhile wait.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.dataReceived = client.queue
+        wanted: Dict[str, str] = {}
+        startup = dict(client.session.startup)
+        startup.update(_params.parse_options(startup.get("options", "")))
+        for name, value in startup.items():
+            canonical = _params.CANONICAL.get(name.lower())
+            if canonical is not None:
+                wanted[canonical] = value
+        self.wanted = wanted
+
+    def start(self) -> None:
+        client = self.client
+        pool = client.pool
+        if pool.default_params is None or self._needsServer():
+            client.waiting = True
+            pool.checkout(client)
+        else:
+            client.params = self._fromDefaults()
+            client.startup_values = {k: client.params[k] for k in self.wanted}
+            client.logged_in()
+
+    def _needsServer(self) -> bool:
+        defaults = self.client.pool.default_params
+        for name, value in self.wanted.items():
+            if name in _params.REPORTED:
+                have = defaults.get(name)
+                if have is None or have.lower() != value.lower():
+                    return True
+        return False
+
+    def _fromDefaults(self) -> Dict[str, Optional[str]]:
+        p = dict(self.client.pool.default_params)
+        for name, value in self.wanted.items():
+            if name in _params.STARTUP_ONLY:
+                p[name] = value
+        return p
+
+    def serverAssigned(self, server) -> None:
+        """Learn the server's spelling of the client's startup parameters, then go on."""
+        client = self.client
+        client.params = self._fromDefaults()
+        wanted = self.wanted
+        sql = _params.sync_sql({k: v for k, v in wanted.items()
+                                if k in _params.STARTUP_ONLY or
+                                (server.params.get(k) or "").lower() != v.lower()},
+                               server.params)
+
+        def done(err):
+            if client.closed:
+                client.give_back(server)
+                return
+            if err is not None:
+                client.give_back(server)
+                err.severity = "FATAL"
+                client.fatal(err, "startup parameter rejected by the server")
+                return
+            for k in wanted:
+                if k in _params.REPORTED:
+                    client.params[k] = server.params.get(k)
+            for k in _params.STARTUP_ONLY:
+                server.params[k] = client.params[k]
+            client.startup_values = {k: client.params[k] for k in wanted}
+            if client.pool.transaction_mode:
+                client.give_back(server)
+            client.logged_in()
+
+        if sql:
+            server.run_internal(sql).addCallback(done)
+        else:
+            done(None)
