@@ -187,6 +187,17 @@ class PgDoormanService(service.MultiService):
                 self.log.error("reload failed, keeping the running configuration: {path}: "
                                "{error}", path=path, error=e.strerror)
                 return False, "%s: %s" % (path, e.strerror)
+            # What `pgdoorman -t` checks beyond the loader (TLS files readable and matching,
+            # pg_hba rules parseable): a file that would fail at the first TLS handshake or
+            # login is refused now, while the running configuration still works.
+            from pgdoorman.cli import check_files
+            problems = check_files(new)
+            if problems:
+                message = "; ".join("%s: %s: %s" % (path, key, problem)
+                                    for key, problem in problems)
+                self.log.error("reload failed, keeping the running configuration: {error}",
+                               error=message)
+                return False, message
             self._warnRestartOnly(new)
             self.config = new
             report = self.pools.reload(new)
