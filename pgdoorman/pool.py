@@ -633,10 +633,12 @@ class PoolService(service.Service):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _ensureMinPools(self) -> None:
+        # Every configured (database, user) has its pool from the start and after each reload,
+        # so SHOW POOLS and /metrics list it with zeros (as PgBouncer does); a new pool opens
+        # nothing, the janitor opens its min_pool_size connections.
         for name, pcfg in self.config.pools.items():
             for ucfg in pcfg.users:
-                if self.config.pool_settings(name, ucfg.username).min_pool_size:
-                    self.get_pool(name, ucfg.username)
+                self.get_pool(name, ucfg.username)
 
     def startService(self):
         service.Service.startService(self)
