@@ -338,7 +338,8 @@ class AdminConsole:
         connected = getattr(client.session, "connected_at", 0.0) or time.time()
         row = ["C", client.session.user, pool.database, "none", state, addr, port, laddr,
                lport, connected, connected, wait, wait_us, 0, "0x%x" % client.id,
-               "0x%x" % server.id if server is not None else "", 0, "",
+               "0x%x" % server.id if server is not None else "", 0,
+               _tls_info(t) if client.tls else "",
                params.get("application_name") or "", len(client.prepared), client.id]
         if debug:
             row += [0, 0, 0, 0, 0, 0, _buffered(t)]
@@ -353,7 +354,8 @@ class AdminConsole:
                laddr, lport, _wall(server.created), _wall(server.last_used), 0, 0,
                int(bool(server.close_needed)), "0x%x" % server.id,
                "0x%x" % client.id if client is not None else "", server.backend_pid,
-               "TLS" if server.tls else "", (server.params or {}).get("application_name") or "",
+               _tls_info(t) if server.tls else "",
+               (server.params or {}).get("application_name") or "",
                len(server.statements.names), server.id]
         if debug:
             row += [0, 0, 0, 0, 0, 0, _buffered(t)]
@@ -707,6 +709,15 @@ def _merged(hists):
     for h in hists:
         out.merge(h)
     return out
+
+
+def _tls_info(transport) -> str:
+    """PgBouncer's C{tls} column: protocol/cipher of an encrypted connection."""
+    try:
+        conn = transport.getHandle()
+        return "%s/%s" % (conn.get_protocol_version_name(), conn.get_cipher_name())
+    except Exception:
+        return "TLS"
 
 
 def _buffered(transport) -> int:

@@ -985,7 +985,9 @@ class ClientConnection(protocol.Protocol):
         """Bytes to put first so that C{server} holds C{stmt}: an injected Parse, or nothing."""
         if stmt.name in server.statements:
             return b""
-        self.pool.statements.misses += 1
+        statements = self.pool.statements
+        statements.misses += 1
+        statements.reparses += 1
         prefix = self._remember(server, stmt, expect)
         expect.append((_prepared.SWALLOW, stmt.name, stmt))
         return prefix + stmt.parse if prefix else stmt.parse

@@ -338,7 +338,8 @@ class Pool:
                         client_bytes=received, server_bytes=sent,
                         xact_time=xact_us, query_time=int(st.query_time * 1e6),
                         wait_time=int(st.wait_time * 1e6),
-                        client_parse_count=statements.hits + statements.misses,
+                        client_parse_count=(statements.hits + statements.misses
+                                            - statements.reparses),
                         server_parse_count=statements.misses, bind_count=0,
                         client_connect_count=st.client_connect_count)
 

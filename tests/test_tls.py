@@ -12,6 +12,7 @@ import ssl
 import struct
 import time
 
+import psycopg
 import pytest
 
 from conftest import (Background, Cluster, RawClient, make_config, pool_entry, psql,
@@ -119,6 +120,16 @@ def test_client_tls_require_psql_and_psycopg(tls_pg, pki, pgdoorman):
     assert r.returncode != 0 and "certificate verify failed" in r.stderr
     server_ssl, client_ssl = ssl_in_use_query(d, sslmode="require")
     assert client_ssl and server_ssl
+    # SHOW CLIENTS / SHOW SERVERS name the protocol and cipher, as PgBouncer's tls column.
+    with d.connect("tls_u", "tlsdb", "tls-secret", sslmode="require", autocommit=False) as c:
+        c.execute("SELECT 1")
+        with psycopg.connect(d.dsn("admin", "pgdoorman", "admin", sslmode="require"),
+                             autocommit=True) as admin:
+            for what in ("CLIENTS", "SERVERS"):
+                cur = admin.execute("SHOW " + what)
+                col = [x.name for x in cur.description].index("tls")
+                tls = [r[col] for r in cur.fetchall()]
+                assert tls and all(t.startswith("TLSv1.") and "/" in t for t in tls), tls
     # A client that must use TLS and does not is refused, clearly.
     r = psql(d, "tls_u", "tlsdb", "tls-secret", "SELECT 1",
              env_extra={"PGSSLMODE": "disable"})
