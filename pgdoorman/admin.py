@@ -478,7 +478,7 @@ class AdminConsole:
         paused = self.pools.paused_all
         return Result("SHOW", [("key", "s"), ("value", "s")], [
             ("active", "no" if paused else "yes"), ("paused", "yes" if paused else "no"),
-            ("suspended", "no")])
+            ("suspended", "yes" if getattr(self.top, "suspended", False) else "no")])
 
     def _stats_rows(self):
         """Per database: (name, totals Snapshot, averages Snapshot)."""
@@ -605,6 +605,8 @@ class AdminConsole:
 
     def cmd_resume(self, arg: str) -> Result:
         db = self._database(arg)
+        if db is None and getattr(self.top, "suspended", False):
+            self.top.resume_suspended()
         if db is None and not (self.pools.paused_all or self.pools.paused_databases):
             raise AdminError("pooler is not paused", OBJECT_IN_USE)
         if db is not None and db not in self.pools.paused_databases:
@@ -628,10 +630,16 @@ class AdminConsole:
         return Result("KILL")
 
     def cmd_shutdown(self, arg: str) -> Result:
-        if arg:
+        """
+        SHUTDOWN (and PgBouncer's SHUTDOWN WAIT_FOR_SERVERS): let running transactions
+        finish, then exit.  SHUTDOWN WAIT_FOR_CLIENTS: wait until every client has left.
+        Both stop waiting after general.shutdown_timeout.
+        """
+        mode = arg.strip().lower()
+        if mode not in ("", "wait_for_servers", "wait_for_clients"):
             raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
-        self.log.info("SHUTDOWN command issued")
-        self.top.shutdown()
+        self.log.info("SHUTDOWN {mode} command issued", mode=mode.upper())
+        self.top.shutdown("clients" if mode == "wait_for_clients" else "servers")
         return Result("SHUTDOWN")
 
     def cmd_upgrade(self, arg: str) -> defer.Deferred:
@@ -655,9 +663,21 @@ class AdminConsole:
         d.addErrback(_as_admin_error)
         return d
 
-    def cmd_suspend(self, arg: str) -> Result:
-        raise AdminError("SUSPEND is not supported by pgdoorman; use PAUSE",
-                         errors.FEATURE_NOT_SUPPORTED)
+    def cmd_suspend(self, arg: str) -> defer.Deferred:
+        """
+        SUSPEND (L{pgdoorman.service.PgDoormanService.suspend}): answers once no connection is
+        accepted, no transaction runs and every socket's output has been flushed; RESUME
+        undoes it.
+        """
+        if arg:
+            raise AdminError("invalid command 'SUSPEND %s', use SHOW HELP;" % arg)
+        if getattr(self.top, "suspended", False):
+            raise AdminError("already suspended", OBJECT_IN_USE)
+        self.log.info("SUSPEND command issued")
+        d = self.top.suspend()
+        d.addCallback(lambda _: Result("SUSPEND"))
+        d.addErrback(_as_admin_error)
+        return d
 
     def cmd_set(self, key: str, value: Optional[str]) -> Result:
         if key in _FAKE_PARAMS:
