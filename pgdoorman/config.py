@@ -152,10 +152,10 @@ OPTIONS: List[Option] = (
         _r("backlog", "int", 0,
            "TCP listen backlog; 0 means use max_connections."),
         _r("unix_socket_dir", "str", None,
-           "Directory for the .s.PGSQL.<port> Unix socket; unset means no "
-           "Unix socket.", implemented=False),
+           "Directory for the .s.PGSQL.<port> Unix socket (psql -h DIR); unset "
+           "means no Unix socket. pg_hba 'local' rules match its clients."),
         _r("unix_socket_mode", "mode", "0600",
-           "Permissions of the Unix socket file.", implemented=False),
+           "Permissions of the Unix socket file."),
         _r("admin_username", "str", "admin",
            "User name for the admin console (database 'pgdoorman')."),
         _r("admin_password", "str", None,

@@ -70,6 +70,19 @@ class PgDoormanService(service.MultiService):
             self.listener = internet.TCPServer(g.port, self.factory, backlog=g.backlog or 1024,
                                                interface=g.host)
         self.listener.setServiceParent(self)
+        #: general.unix_socket_dir: the .s.PGSQL.<port> socket there, as PostgreSQL's.
+        self.unix_listener = None
+        if g.unix_socket_dir:
+            from pgdoorman.unixsocket import UnixListener, socket_path
+            path = socket_path(g.unix_socket_dir, g.port)
+            if "unix" in listeners:
+                fd, family = listeners["unix"]
+                self.unix_listener = UnixListener(path, self.factory, g.unix_socket_mode,
+                                                  g.backlog or 1024, inherited_fd=fd)
+            else:
+                self.unix_listener = UnixListener(path, self.factory, g.unix_socket_mode,
+                                                  g.backlog or 1024)
+            self.unix_listener.setServiceParent(self)
         self.metrics = None
         if config.prometheus.enabled:
             from pgdoorman.metrics import make_metrics_service, make_site
@@ -246,7 +259,7 @@ class PgDoormanService(service.MultiService):
 
     def _warnRestartOnly(self, new) -> None:
         old = self.config
-        for key in ("host", "port", "backlog"):
+        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode"):
             if getattr(old.general, key) != getattr(new.general, key):
                 self.log.warn("general.{key} changed in the config file: it takes effect at "
                               "the next restart", key=key)
@@ -270,6 +283,8 @@ class PgDoormanService(service.MultiService):
         self.shutting_down = True
         _notify("STOPPING=1")
         d = defer.maybeDeferred(self.listener.stopService)
+        if self.unix_listener is not None:
+            defer.maybeDeferred(self.unix_listener.stopService).addErrback(lambda f: None)
         if wait_for == "clients":
             self.log.info("shutting down: no new clients, waiting for the connected ones "
                           "to leave")
@@ -341,6 +356,9 @@ class PgDoormanService(service.MultiService):
         port = getattr(self.listener, "_port", None)
         if port is not None:
             port.stopReading()
+        unix = getattr(self.unix_listener, "_port", None)
+        if unix is not None:
+            unix.stopReading()
         self.log.info("SUSPEND: not accepting connections, pausing every pool")
         d = self.pools.pause(None)
         d.addCallback(lambda _: self._flushed())
@@ -380,8 +398,10 @@ class PgDoormanService(service.MultiService):
             return
         self.suspended = False
         port = getattr(self.listener, "_port", None)
-        if port is not None and not self.shutting_down:
-            port.startReading()
+        unix = getattr(self.unix_listener, "_port", None)
+        for p in (port, unix):
+            if p is not None and not self.shutting_down:
+                p.startReading()
         self.log.info("RESUME: accepting connections again")
 
     def shutdown_now(self, why: str) -> None:

@@ -475,7 +475,8 @@ class Upgrade:
         self._timer = reactor.callLater(timeout, self._notReady, timeout)
 
     def _listeners(self):
-        for name, svc in (("listen", self.top.listener), ("metrics", self.top.metrics)):
+        for name, svc in (("listen", self.top.listener), ("metrics", self.top.metrics),
+                          ("unix", getattr(self.top, "unix_listener", None))):
             if svc is not None and getattr(svc, "_port", None) is not None:
                 yield name, svc
 
@@ -546,6 +547,8 @@ class Upgrade:
             port = svc._port
             self._kept_listeners.append((svc, os.dup(port.fileno()), port.socket.family))
             port._shouldShutdown = False
+            if hasattr(svc, "keep_file"):
+                svc.keep_file()  # the Unix socket's file is the new process's now
             svc.stopService()
         self.clients = self._allClients()
         self.log.info("upgrade: {n} clients to hand over", n=len(self.clients))
