@@ -24,6 +24,7 @@ from pgdoorman import params as _params
 from pgdoorman import sockopts
 from pgdoorman import prepared as _prepared
 from pgdoorman import tls as _tls
+from pgdoorman import tlslimit as _tlslimit
 from pgdoorman.auth import hba as _hba
 from pgdoorman.auth import jwt as _jwt
 from pgdoorman.auth import md5 as _md5
@@ -233,12 +234,15 @@ class ClientConnection(protocol.Protocol):
                 if factory is None:
                     self.transport.write(b"N")
                     continue
-                self.transport.write(b"S")  # goes out in the clear, ahead of the handshake
-                self.transport.startTLS(factory)
-                self.tls = True
-                # The transport keeps its type under startTLS: sendnow's direct socket send
-                # would bypass the TLS layer, so this client writes through Twisted.
-                self.send = self.transport.write
+                wait = _tlslimit.limiter.delay(
+                    self.service.config.general.tls_rate_limit_per_second)
+                if wait:
+                    # Over tls_rate_limit_per_second: answer (and handshake) in turn; the
+                    # client sends nothing until it has our 'S' (buf is empty here).
+                    self._buf = b""
+                    reactor.callLater(wait, self._acceptTLS, factory)
+                    return
+                self._acceptTLS(factory)
                 continue
             if code == messages.GSSENC_REQUEST_CODE:
                 # GSSAPI encryption is not offered: 'N' and the client goes on (or asks
@@ -256,6 +260,16 @@ class ClientConnection(protocol.Protocol):
             self._startup(code, packet[8:], buf)
             return
         self._buf = buf
+
+    def _acceptTLS(self, factory) -> None:
+        if self._closed or self.transport.disconnected:
+            return
+        self.transport.write(b"S")  # goes out in the clear, ahead of the handshake
+        self.transport.startTLS(factory)
+        self.tls = True
+        # The transport keeps its type under startTLS: sendnow's direct socket send
+        # would bypass the TLS layer, so this client writes through Twisted.
+        self.send = self.transport.write
 
     def _startup(self, version: int, payload: bytes, rest: bytes) -> None:
         major, minor = version >> 16, version & 0xFFFF

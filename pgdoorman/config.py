@@ -291,8 +291,9 @@ OPTIONS: List[Option] = (
         _r("tls_mode", "str", None,
            "Client TLS: allow, disable, require or verify-full."),
         _r("tls_rate_limit_per_second", "int", 0,
-           "Limit on TLS handshakes per second; 0 means unlimited.",
-           implemented=False),
+           "Client TLS handshakes started per second (at least 100, a multiple "
+           "of 100, as PgDoorman); clients over the limit wait their turn. 0 "
+           "means unlimited."),
         # -- server TLS
         _r("server_tls_mode", "str", "allow",
            "TLS towards PostgreSQL: disable, allow, prefer, require, "
