@@ -338,7 +338,8 @@ class AdminConsole:
         connected = getattr(client.session, "connected_at", 0.0) or time.time()
         row = ["C", client.session.user, pool.database, "none", state, addr, port, laddr,
                lport, connected, connected, wait, wait_us, 0, "0x%x" % client.id,
-               "0x%x" % server.id if server is not None else "", 0, "",
+               "0x%x" % server.id if server is not None else "", 0,
+               _tls_info(t) if client.tls else "",
                params.get("application_name") or "",
                len(client.remap.names) if client.remap is not None else 0, client.id]
         if debug:
@@ -354,7 +355,8 @@ class AdminConsole:
                laddr, lport, _wall(server.created), _wall(server.last_used), 0, 0,
                int(bool(server.close_needed)), "0x%x" % server.id,
                "0x%x" % client.id if client is not None else "", server.backend_pid,
-               "TLS" if server.tls else "", (server.params or {}).get("application_name") or "",
+               _tls_info(t) if server.tls else "",
+               (server.params or {}).get("application_name") or "",
                len(server.statements.names), server.id]
         if debug:
             row += [0, 0, 0, 0, 0, 0, _buffered(t)]
@@ -477,7 +479,7 @@ class AdminConsole:
         paused = self.pools.paused_all
         return Result("SHOW", [("key", "s"), ("value", "s")], [
             ("active", "no" if paused else "yes"), ("paused", "yes" if paused else "no"),
-            ("suspended", "no")])
+            ("suspended", "yes" if getattr(self.top, "suspended", False) else "no")])
 
     def _stats_rows(self):
         """Per database: (name, totals Snapshot, averages Snapshot)."""
@@ -604,6 +606,8 @@ class AdminConsole:
 
     def cmd_resume(self, arg: str) -> Result:
         db = self._database(arg)
+        if db is None and getattr(self.top, "suspended", False):
+            self.top.resume_suspended()
         if db is None and not (self.pools.paused_all or self.pools.paused_databases):
             raise AdminError("pooler is not paused", OBJECT_IN_USE)
         if db is not None and db not in self.pools.paused_databases:
@@ -627,10 +631,16 @@ class AdminConsole:
         return Result("KILL")
 
     def cmd_shutdown(self, arg: str) -> Result:
-        if arg:
+        """
+        SHUTDOWN (and PgBouncer's SHUTDOWN WAIT_FOR_SERVERS): let running transactions
+        finish, then exit.  SHUTDOWN WAIT_FOR_CLIENTS: wait until every client has left.
+        Both stop waiting after general.shutdown_timeout.
+        """
+        mode = arg.strip().lower()
+        if mode not in ("", "wait_for_servers", "wait_for_clients"):
             raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
-        self.log.info("SHUTDOWN command issued")
-        self.top.shutdown()
+        self.log.info("SHUTDOWN {mode} command issued", mode=mode.upper())
+        self.top.shutdown("clients" if mode == "wait_for_clients" else "servers")
         return Result("SHUTDOWN")
 
     def cmd_upgrade(self, arg: str) -> defer.Deferred:
@@ -654,9 +664,21 @@ class AdminConsole:
         d.addErrback(_as_admin_error)
         return d
 
-    def cmd_suspend(self, arg: str) -> Result:
-        raise AdminError("SUSPEND is not supported by pgdoorman; use PAUSE",
-                         errors.FEATURE_NOT_SUPPORTED)
+    def cmd_suspend(self, arg: str) -> defer.Deferred:
+        """
+        SUSPEND (L{pgdoorman.service.PgDoormanService.suspend}): answers once no connection is
+        accepted, no transaction runs and every socket's output has been flushed; RESUME
+        undoes it.
+        """
+        if arg:
+            raise AdminError("invalid command 'SUSPEND %s', use SHOW HELP;" % arg)
+        if getattr(self.top, "suspended", False):
+            raise AdminError("already suspended", OBJECT_IN_USE)
+        self.log.info("SUSPEND command issued")
+        d = self.top.suspend()
+        d.addCallback(lambda _: Result("SUSPEND"))
+        d.addErrback(_as_admin_error)
+        return d
 
     def cmd_set(self, key: str, value: Optional[str]) -> Result:
         if key in _FAKE_PARAMS:
@@ -708,6 +730,15 @@ def _merged(hists):
     for h in hists:
         out.merge(h)
     return out
+
+
+def _tls_info(transport) -> str:
+    """PgBouncer's C{tls} column: protocol/cipher of an encrypted connection."""
+    try:
+        conn = transport.getHandle()
+        return "%s/%s" % (conn.get_protocol_version_name(), conn.get_cipher_name())
+    except Exception:
+        return "TLS"
 
 
 def _buffered(transport) -> int:

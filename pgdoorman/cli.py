@@ -168,6 +168,10 @@ def check_files(config) -> List[tuple]:
         problems += _check_pair(prefix + "server_tls_certificate", pool.server_tls_certificate,
                                 prefix + "server_tls_private_key", pool.server_tls_private_key)
         problems += _check_ca(prefix + "server_tls_ca_cert", pool.server_tls_ca_cert)
+    rate = g.tls_rate_limit_per_second
+    if rate and (rate < 100 or rate % 100):
+        problems.append(("general.tls_rate_limit_per_second",
+                         "must be 0 or a multiple of 100 (at least 100), not %d" % rate))
     if g.pg_hba is not None:
         for lineno, problem in hba_problems(g.pg_hba):
             problems.append(("general.pg_hba", "rule %d: %s" % (lineno, problem)))

@@ -136,6 +136,8 @@ class ClientConnection(protocol.Protocol):
     def start_tls(self, factory) -> None:
         """Answer an SSLRequest with 'S' and switch the connection to TLS."""
         t = self.transport
+        if self.closed or t.disconnected:
+            return
         t.write(b"S")  # goes out in the clear, ahead of the handshake
         t.startTLS(factory)
         self.tls = True

@@ -152,10 +152,10 @@ OPTIONS: List[Option] = (
         _r("backlog", "int", 0,
            "TCP listen backlog; 0 means use max_connections."),
         _r("unix_socket_dir", "str", None,
-           "Directory for the .s.PGSQL.<port> Unix socket; unset means no "
-           "Unix socket.", implemented=False),
+           "Directory for the .s.PGSQL.<port> Unix socket (psql -h DIR); unset "
+           "means no Unix socket. pg_hba 'local' rules match its clients."),
         _r("unix_socket_mode", "mode", "0600",
-           "Permissions of the Unix socket file.", implemented=False),
+           "Permissions of the Unix socket file."),
         _r("admin_username", "str", "admin",
            "User name for the admin console (database 'pgdoorman')."),
         _r("admin_password", "str", None,
@@ -291,8 +291,9 @@ OPTIONS: List[Option] = (
         _r("tls_mode", "str", None,
            "Client TLS: allow, disable, require or verify-full."),
         _r("tls_rate_limit_per_second", "int", 0,
-           "Limit on TLS handshakes per second; 0 means unlimited.",
-           implemented=False),
+           "Client TLS handshakes started per second (at least 100, a multiple "
+           "of 100, as PgDoorman); clients over the limit wait their turn. 0 "
+           "means unlimited."),
         # -- server TLS
         _r("server_tls_mode", "str", "allow",
            "TLS towards PostgreSQL: disable, allow, prefer, require, "

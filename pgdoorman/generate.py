@@ -12,7 +12,8 @@ and its help line, as YAML (commented out where the default applies) or, with C{
 as the page C{docs/configuration.md} (C{make docs}).  Both come from the one table, so the
 reference, the docs and the loader cannot drift apart.
 
-psycopg is imported only when a server is asked (install C{pgdoorman[generate]}).
+The server is read with pgdoorman's own small blocking client (L{pgdoorman.blockingclient}),
+so generate needs nothing beyond a plain C{pip install}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import secrets
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from pgdoorman import __version__
 from pgdoorman.config import OPTIONS, SECTIONS, TYPE_DESCRIPTIONS, Option, password_kind
@@ -69,47 +70,43 @@ def read_cluster(host: Optional[str], port: Optional[int], user: Optional[str],
 
     @raise GenerateError: cannot connect, or the user may not read pg_authid.
     """
+    from pgdoorman import blockingclient
     try:
-        import psycopg
-    except ImportError:
-        raise GenerateError("generate needs psycopg: pip install 'pgdoorman[generate]' "
-                            "(or apt-get install python3-psycopg)")
-    params: Dict[str, Any] = {"dbname": database or "postgres", "connect_timeout": 10,
-                              "sslmode": "require" if ssl else "prefer",
-                              "application_name": "pgdoorman generate"}
-    for key, value in (("host", host), ("port", port), ("user", user),
-                       ("password", password)):
-        if value is not None:
-            params[key] = value
-    try:
-        conn = psycopg.connect(autocommit=True, **params)
-    except psycopg.Error as e:
+        conn = blockingclient.connect(host=host, port=port, user=user, password=password,
+                                      dbname=database or "postgres", connect_timeout=10,
+                                      sslmode="require" if ssl else "prefer",
+                                      application_name="pgdoorman generate")
+    except blockingclient.ConnectError as e:
         raise GenerateError("cannot connect to PostgreSQL: %s" % (str(e).strip(),))
     with conn:
-        who, superuser = conn.execute(
-            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
-        ).fetchone()
-        if not superuser:
-            raise GenerateError(
-                "user %r is not a superuser: reading the password hashes in pg_authid needs "
-                "one (run generate as a superuser, for example -u postgres)" % (who,))
-        databases = [row[0] for row in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
-            "ORDER BY datname")]
-        users, no_password, unusable = [], [], []
-        for name, secret in conn.execute(
-                "SELECT rolname, rolpassword FROM pg_authid WHERE rolcanlogin "
-                "ORDER BY rolname"):
-            if not secret:
-                no_password.append(name)
-            elif password_kind(secret) == "plain":
-                unusable.append((name, "its stored password is not an md5 or SCRAM hash"))
-            else:
-                users.append((name, secret))
-        info = conn.info
-        version = conn.execute("SHOW server_version").fetchone()[0]
-        return Cluster(host or info.host, int(port or info.port), databases, users,
-                       no_password, unusable, version)
+        try:
+            return _read(conn, host, port)
+        except blockingclient.QueryError as e:
+            raise GenerateError("reading the catalogs failed: %s" % (e,))
+
+
+def _read(conn, host: Optional[str], port: Optional[int]) -> Cluster:
+    who, superuser = conn.query(
+        "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user")[0]
+    if superuser != "t":
+        raise GenerateError(
+            "user %r is not a superuser: reading the password hashes in pg_authid needs "
+            "one (run generate as a superuser, for example -u postgres)" % (who,))
+    databases = [row[0] for row in conn.query(
+        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+        "ORDER BY datname")]
+    users, no_password, unusable = [], [], []
+    for name, secret in conn.query(
+            "SELECT rolname, rolpassword FROM pg_authid WHERE rolcanlogin ORDER BY rolname"):
+        if not secret:
+            no_password.append(name)
+        elif password_kind(secret) == "plain":
+            unusable.append((name, "its stored password is not an md5 or SCRAM hash"))
+        else:
+            users.append((name, secret))
+    version = conn.parameters.get("server_version") or conn.query("SHOW server_version")[0][0]
+    return Cluster(host or conn.host, int(port or conn.port), databases, users,
+                   no_password, unusable, version)
 
 
 # -- writing a config -----------------------------------------------------------------------

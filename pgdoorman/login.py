@@ -16,10 +16,12 @@ import os
 import struct
 from typing import Dict, Optional
 
+from twisted.internet import reactor
 from twisted.logger import Logger
 
 from pgdoorman import params as _params
 from pgdoorman import tls as _tls
+from pgdoorman import tlslimit as _tlslimit
 from pgdoorman.auth import hba as _hba
 from pgdoorman.auth import jwt as _jwt
 from pgdoorman.auth import md5 as _md5
@@ -97,6 +99,13 @@ class Startup:
                 if factory is None:
                     client.transport.write(b"N")
                     continue
+                wait = _tlslimit.limiter.delay(
+                    client.service.config.general.tls_rate_limit_per_second)
+                if wait:
+                    # Over tls_rate_limit_per_second: answer (and handshake) in turn; the
+                    # client sends nothing until it has our 'S' (buf is empty here).
+                    reactor.callLater(wait, client.start_tls, factory)
+                    return
                 client.start_tls(factory)
                 continue
             if code == messages.GSSENC_REQUEST_CODE:

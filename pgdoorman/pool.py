@@ -338,7 +338,8 @@ class Pool:
                         client_bytes=received, server_bytes=sent,
                         xact_time=xact_us, query_time=int(st.query_time * 1e6),
                         wait_time=int(st.wait_time * 1e6),
-                        client_parse_count=statements.hits + statements.misses,
+                        client_parse_count=(statements.hits + statements.misses
+                                            - statements.reparses),
                         server_parse_count=statements.misses, bind_count=0,
                         client_connect_count=st.client_connect_count)
 
@@ -633,10 +634,12 @@ class PoolService(service.Service):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _ensureMinPools(self) -> None:
+        # Every configured (database, user) has its pool from the start and after each reload,
+        # so SHOW POOLS and /metrics list it with zeros (as PgBouncer does); a new pool opens
+        # nothing, the janitor opens its min_pool_size connections.
         for name, pcfg in self.config.pools.items():
             for ucfg in pcfg.users:
-                if self.config.pool_settings(name, ucfg.username).min_pool_size:
-                    self.get_pool(name, ucfg.username)
+                self.get_pool(name, ucfg.username)
 
     def startService(self):
         service.Service.startService(self)

@@ -86,8 +86,12 @@ class StatementCache:
     def __init__(self, size: int):
         self.size = size
         self.statements: Dict[bytes, Statement] = {}
+        #: client Parses answered from a server that already held the statement.
         self.hits = 0
+        #: Parses sent to a server: a client's (first time on that server) or injected.
         self.misses = 0
+        #: of the misses, those injected before a Bind/Describe (no client Parse behind them).
+        self.reparses = 0
         self.evictions = 0
 
     def get(self, body: bytes) -> Statement:

@@ -143,7 +143,9 @@ class Remapper:
         """Bytes to put first so that the server holds C{stmt}: an injected Parse, or nothing."""
         if stmt.name in link.statements:
             return b""
-        self.cache.misses += 1
+        cache = self.cache
+        cache.misses += 1
+        cache.reparses += 1
         prefix = self._remember(link, stmt)
         expect = link.expect
         expect.append(_SWALLOW_ENTRY)

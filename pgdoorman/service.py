@@ -70,6 +70,19 @@ class PgDoormanService(service.MultiService):
             self.listener = internet.TCPServer(g.port, self.factory, backlog=g.backlog or 1024,
                                                interface=g.host)
         self.listener.setServiceParent(self)
+        #: general.unix_socket_dir: the .s.PGSQL.<port> socket there, as PostgreSQL's.
+        self.unix_listener = None
+        if g.unix_socket_dir:
+            from pgdoorman.unixsocket import UnixListener, socket_path
+            path = socket_path(g.unix_socket_dir, g.port)
+            if "unix" in listeners:
+                fd, family = listeners["unix"]
+                self.unix_listener = UnixListener(path, self.factory, g.unix_socket_mode,
+                                                  g.backlog or 1024, inherited_fd=fd)
+            else:
+                self.unix_listener = UnixListener(path, self.factory, g.unix_socket_mode,
+                                                  g.backlog or 1024)
+            self.unix_listener.setServiceParent(self)
         self.metrics = None
         if config.prometheus.enabled:
             from pgdoorman.metrics import make_metrics_service, make_site
@@ -98,10 +111,46 @@ class PgDoormanService(service.MultiService):
             pass  # not the main thread, or no SIGHUP on this platform
         from pgdoorman import upgrade
         self._old_signals = upgrade.install_signal_handlers(self)
+        # The reactor installs its own SIGTERM handler when it starts running (after this,
+        # for both twistd and the pgdoorman command): ours goes in once it runs.
+        reactor.callWhenRunning(self._installTermHandlers)
         if self.inherited is not None:
             # Listening on the inherited sockets now: tell the old process, take its clients.
             self.takeover = upgrade.Takeover(self, self.inherited)
             self.takeover.start()
+
+    def _installTermHandlers(self) -> None:
+        """
+        SIGTERM and SIGQUIT as PgBouncer 1.23+ has them: SIGTERM is the "super safe"
+        shutdown (no new clients, wait for the connected ones to leave, at most
+        general.shutdown_timeout), a second SIGTERM during a shutdown is the immediate one;
+        SIGQUIT is immediate.
+        """
+        if not self.running:
+            return
+
+        def term(signum, frame):
+            reactor.callFromThread(self._terminated)
+
+        def quit_(signum, frame):
+            reactor.callFromThread(self.shutdown_now, "SIGQUIT")
+
+        for sig, handler in ((signal.SIGTERM, term), (getattr(signal, "SIGQUIT", None), quit_)):
+            if sig is None:
+                continue
+            try:
+                previous = signal.signal(sig, handler)
+            except (ValueError, OSError):
+                continue
+            self._old_signals.setdefault(sig, previous)
+
+    def _terminated(self) -> None:
+        if self.shutting_down:
+            self.shutdown_now("second SIGTERM")
+        else:
+            self.log.info("SIGTERM received: no new clients, waiting for the connected ones "
+                          "to leave (a second SIGTERM stops at once)")
+            self.shutdown(wait_for="clients")
 
     def stopService(self):
         if self._old_sighup is not None:
@@ -187,6 +236,17 @@ class PgDoormanService(service.MultiService):
                 self.log.error("reload failed, keeping the running configuration: {path}: "
                                "{error}", path=path, error=e.strerror)
                 return False, "%s: %s" % (path, e.strerror)
+            # What `pgdoorman -t` checks beyond the loader (TLS files readable and matching,
+            # pg_hba rules parseable): a file that would fail at the first TLS handshake or
+            # login is refused now, while the running configuration still works.
+            from pgdoorman.cli import check_files
+            problems = check_files(new)
+            if problems:
+                message = "; ".join("%s: %s: %s" % (path, key, problem)
+                                    for key, problem in problems)
+                self.log.error("reload failed, keeping the running configuration: {error}",
+                               error=message)
+                return False, message
             self._warnRestartOnly(new)
             self.config = new
             report = self.pools.reload(new)
@@ -199,7 +259,7 @@ class PgDoormanService(service.MultiService):
 
     def _warnRestartOnly(self, new) -> None:
         old = self.config
-        for key in ("host", "port", "backlog"):
+        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode"):
             if getattr(old.general, key) != getattr(new.general, key):
                 self.log.warn("general.{key} changed in the config file: it takes effect at "
                               "the next restart", key=key)
@@ -208,27 +268,39 @@ class PgDoormanService(service.MultiService):
 
     # -- shutdown -----------------------------------------------------------------------------
 
-    def shutdown(self) -> defer.Deferred:
+    def shutdown(self, wait_for: str = "servers") -> defer.Deferred:
         """
-        The admin console's SHUTDOWN: stop accepting clients, let running transactions finish
-        (a PAUSE of everything), then stop the reactor; after general.shutdown_timeout it stops
-        anyway.
+        Stop accepting clients, wait, then stop the reactor; after general.shutdown_timeout
+        it stops anyway.
+
+        @param wait_for: C{"servers"} (the admin console's SHUTDOWN, SIGINT in a terminal,
+            PgBouncer's SHUTDOWN WAIT_FOR_SERVERS): let running transactions finish (a PAUSE
+            of everything), then exit.  C{"clients"} (SIGTERM, SHUTDOWN WAIT_FOR_CLIENTS):
+            keep serving the connected clients until every one has left.
         """
         if self.shutting_down:
             return defer.succeed(None)
         self.shutting_down = True
         _notify("STOPPING=1")
-        self.log.info("shutting down: no new clients, waiting for transactions to finish")
         d = defer.maybeDeferred(self.listener.stopService)
-        paused = self.pools.pause(None)
+        if self.unix_listener is not None:
+            defer.maybeDeferred(self.unix_listener.stopService).addErrback(lambda f: None)
+        if wait_for == "clients":
+            self.log.info("shutting down: no new clients, waiting for the connected ones "
+                          "to leave")
+            done = self._clientsGone()
+        else:
+            self.log.info("shutting down: no new clients, waiting for transactions to finish")
+            done = self.pools.pause(None)
         timeout = self.config.general.shutdown_timeout or 0
         timer = None
 
         def expire():
-            if not paused.called:
-                self.log.warn("shutdown_timeout ({t}s) reached with transactions still "
-                              "running: stopping anyway", t=timeout)
-                paused.callback(None)
+            if not done.called:
+                self.log.warn("shutdown_timeout ({t}s) reached with {what} still there: "
+                              "stopping anyway", t=timeout,
+                              what="clients" if wait_for == "clients" else "transactions")
+                done.callback(None)
 
         if timeout:
             timer = reactor.callLater(timeout, expire)
@@ -239,9 +311,112 @@ class PgDoormanService(service.MultiService):
             # Let the admin client's last answer go out first.
             reactor.callLater(0.05, _stopReactor)
 
-        paused.addBoth(stop)
+        done.addBoth(stop)
         d.addErrback(lambda f: None)
-        return paused
+        return done
+
+    def _clientsGone(self) -> defer.Deferred:
+        """Fires once no pool client is connected (checked ten times a second)."""
+        from twisted.internet import task
+        done = defer.Deferred()
+
+        def check():
+            if not self.pools.clients and not done.called:
+                loop.stop()
+                done.callback(None)
+
+        loop = task.LoopingCall(check)
+        loop.start(0.1, now=True).addErrback(lambda f: None)
+
+        def stopLoop(result):
+            if loop.running:
+                loop.stop()
+            return result
+
+        done.addBoth(stopLoop)
+        return done
+
+    # -- SUSPEND ------------------------------------------------------------------------------
+
+    #: set by SUSPEND, cleared by RESUME.
+    suspended = False
+
+    def suspend(self) -> defer.Deferred:
+        """
+        The admin console's SUSPEND, as close to PgBouncer's as pooling allows: stop accepting
+        (new connections wait in the listen backlog until RESUME), hold every pool as PAUSE
+        does (running transactions finish, then no query reaches a server), and wait until
+        every socket's buffered output has gone out.  A client whose output has not drained
+        within general.shutdown_timeout (PgBouncer's suspend_timeout) is disconnected.
+
+        PgBouncer used SUSPEND before its online restart (C{-R}); here that is UPGRADE, which
+        hands the live sockets over itself.
+        """
+        self.suspended = True
+        port = getattr(self.listener, "_port", None)
+        if port is not None:
+            port.stopReading()
+        unix = getattr(self.unix_listener, "_port", None)
+        if unix is not None:
+            unix.stopReading()
+        self.log.info("SUSPEND: not accepting connections, pausing every pool")
+        d = self.pools.pause(None)
+        d.addCallback(lambda _: self._flushed())
+        return d
+
+    def _flushed(self) -> defer.Deferred:
+        from twisted.internet import task
+        timeout = self.config.general.shutdown_timeout or 10.0
+        started = reactor.seconds()
+        done = defer.Deferred()
+
+        def transports():
+            for pool in self.pools.all_pools():
+                for client in pool.members:
+                    yield client.transport
+                for server in pool.servers:
+                    yield server.transport
+
+        def check():
+            pending = [t for t in transports() if _buffered(t)]
+            if pending and reactor.seconds() - started < timeout:
+                return
+            for t in pending:
+                self.log.warn("SUSPEND: output to {peer} did not drain within {t}s: "
+                              "disconnecting it", peer=t.getPeer(), t=timeout)
+                t.abortConnection()
+            loop.stop()
+            done.callback(None)
+
+        loop = task.LoopingCall(check)
+        loop.start(0.02, now=True).addErrback(lambda f: None)
+        return done
+
+    def resume_suspended(self) -> None:
+        """RESUME after SUSPEND: accept connections again (the pools resume with RESUME)."""
+        if not self.suspended:
+            return
+        self.suspended = False
+        port = getattr(self.listener, "_port", None)
+        unix = getattr(self.unix_listener, "_port", None)
+        for p in (port, unix):
+            if p is not None and not self.shutting_down:
+                p.startReading()
+        self.log.info("RESUME: accepting connections again")
+
+    def shutdown_now(self, why: str) -> None:
+        """Immediate shutdown (SIGQUIT, a second SIGTERM or SIGINT): stop the reactor now."""
+        self.log.info("{why}: shutting down now", why=why)
+        self.shutting_down = True
+        _stopReactor()
+
+
+def _buffered(transport) -> int:
+    """Bytes a transport still holds for its peer (Twisted's write buffer)."""
+    try:
+        return len(transport.dataBuffer) + transport._tempDataLen
+    except AttributeError:
+        return 0
 
 
 def _stopReactor() -> None:

@@ -146,12 +146,85 @@ class InheritedPort(service.Service):
             return d
 
 
+#: Under twistd, the pid file the new process writes (and rewrites once the old one, whose
+#: twistd removes the file at exit, is gone).  Passed on to every later upgrade.
+PIDFILE_ENV = "PGDOORMAN_PIDFILE"
+
+#: twistd's short options that take a value (the others are flags).
+_TWISTD_SHORT_VALUES = set("ldugryfsp")
+
+
+def under_twistd() -> bool:
+    """True in a process that twistd started (the pgdoorman command never loads this)."""
+    return "twisted.scripts._twistd_unix" in sys.modules
+
+
+def twistd_command_line(argv: List[str], subcommand: str = "pgdoorman"
+                        ) -> Tuple[List[str], Optional[str]]:
+    """
+    The twistd command line for the new process, and the pid file it must write.
+
+    The old twistd holds its pid file, so a new twistd with the same options would refuse to
+    start ("Another twistd server is running"): the new one runs with C{--pidfile=} (no pid
+    file of twistd's) and C{--nodaemon} (this process is detached already, and the new one
+    must stay this process's child for the handover), and pgdoorman writes the pid file
+    itself (L{Takeover}).  A daemon's defaults that C{--nodaemon} would change are kept: the
+    log goes to C{twistd.log}, the umask stays 077.
+
+    @param argv: C{sys.argv[1:]} of the running twistd.
+    @return: (new argv after the twistd script, absolute pid file or None).
+    """
+    try:
+        cut = argv.index(subcommand)
+    except ValueError:
+        cut = len(argv)
+    head, tail = list(argv[:cut]), list(argv[cut:])
+    pidfile: Optional[str] = "twistd.pid"
+    nodaemon = logfile = umask = False
+    i = 0
+    while i < len(head):
+        arg = head[i]
+        name, eq, value = arg.partition("=")
+        takes_next = False
+        if arg.startswith("--"):
+            if name in ("--pidfile", "--logfile", "--umask", "--rundir", "--uid", "--gid",
+                        "--reactor", "--python", "--file", "--source", "--prefix",
+                        "--logger", "--profile", "--profiler", "--chroot"):
+                if not eq:
+                    takes_next = True
+                    value = head[i + 1] if i + 1 < len(head) else ""
+                if name == "--pidfile":
+                    pidfile = value
+                logfile = logfile or name == "--logfile"
+                umask = umask or name == "--umask"
+            nodaemon = nodaemon or name in ("--nodaemon", "--debug")
+        elif arg.startswith("-") and len(arg) > 1:
+            for j, letter in enumerate(arg[1:]):
+                if letter in _TWISTD_SHORT_VALUES:
+                    takes_next = j == len(arg) - 2
+                    logfile = logfile or letter == "l"
+                    break
+                nodaemon = nodaemon or letter in "nb"
+        i += 2 if takes_next else 1
+    if os.environ.get(PIDFILE_ENV):
+        pidfile = os.environ[PIDFILE_ENV]  # this process was itself started by an upgrade
+    extra = ["--pidfile=", "--nodaemon"]
+    if not nodaemon and not logfile:
+        extra.append("--logfile=%s" % os.path.abspath("twistd.log"))
+    if not nodaemon and not umask:
+        extra.append("--umask=0077")
+    return head + extra + tail, (os.path.abspath(pidfile) if pidfile else None)
+
+
 def command_line() -> List[str]:
     """How this process was started, to start the new one the same way from installed code."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name in ("pgdoorman.__main__", "pgdoorman"):
         return [sys.executable, "-m", "pgdoorman"] + sys.argv[1:]
+    if under_twistd():
+        argv, _pidfile = twistd_command_line(sys.argv[1:])
+        return [sys.executable, sys.argv[0]] + argv
     return [sys.executable, sys.argv[0]] + sys.argv[1:]
 
 
@@ -381,6 +454,10 @@ class Upgrade:
         env[ENV] = ",".join(spec)
         env["PGDOORMAN_UPGRADE_PARENT"] = str(os.getpid())
         argv = command_line()
+        if under_twistd():
+            _argv, pidfile = twistd_command_line(sys.argv[1:])
+            if pidfile:
+                env[PIDFILE_ENV] = pidfile
         try:
             self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, close_fds=True,
                                          cwd=start_directory or os.getcwd())
@@ -398,7 +475,8 @@ class Upgrade:
         self._timer = reactor.callLater(timeout, self._notReady, timeout)
 
     def _listeners(self):
-        for name, svc in (("listen", self.top.listener), ("metrics", self.top.metrics)):
+        for name, svc in (("listen", self.top.listener), ("metrics", self.top.metrics),
+                          ("unix", getattr(self.top, "unix_listener", None))):
             if svc is not None and getattr(svc, "_port", None) is not None:
                 yield name, svc
 
@@ -469,6 +547,8 @@ class Upgrade:
             port = svc._port
             self._kept_listeners.append((svc, os.dup(port.fileno()), port.socket.family))
             port._shouldShutdown = False
+            if hasattr(svc, "keep_file"):
+                svc.keep_file()  # the Unix socket's file is the new process's now
             svc.stopService()
         self.clients = self._allClients()
         self.log.info("upgrade: {n} clients to hand over", n=len(self.clients))
@@ -645,6 +725,10 @@ class Takeover:
 
     def start(self) -> None:
         from pgdoorman import __version__
+        self.pid_file = os.environ.get(PIDFILE_ENV) if under_twistd() else None
+        if self.pid_file:
+            self._writePidFile()
+            reactor.addSystemEventTrigger("after", "shutdown", self._removePidFile)
         self.channel.start()
         self.channel.send(READY, json.dumps({"pid": os.getpid(),
                                              "version": __version__}).encode())
@@ -663,6 +747,8 @@ class Takeover:
                           "{refused}", parent=self.parent or "?", n=self.adopted,
                           refused=", %d refused" % self.refused if self.refused else "")
             self.close()
+            if self.pid_file:
+                self._whenParentGone(self._writePidFile)
         else:
             for fd in fds:
                 _close(fd)
@@ -692,6 +778,49 @@ class Takeover:
         finally:
             _close(fd)
 
+    # -- the pid file under twistd --------------------------------------------------------------
+
+    pid_file: Optional[str] = None
+
+    def _writePidFile(self) -> None:
+        """Put our pid in the pid file (the old twistd removes it as it exits: see END)."""
+        path = self.pid_file
+        try:
+            with open(path) as f:
+                if f.read().strip() == str(os.getpid()):
+                    return
+        except OSError:
+            pass
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with open(tmp, "w") as f:
+                f.write("%d" % os.getpid())
+            os.replace(tmp, path)
+        except OSError as e:
+            self.log.error("cannot write the pid file {path}: {error}", path=path,
+                           error=e.strerror)
+            return
+        self.log.info("pid file {path} now holds {pid}", path=path, pid=os.getpid())
+
+    def _removePidFile(self) -> None:
+        try:
+            with open(self.pid_file) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return  # a later upgrade's process has it now
+            os.unlink(self.pid_file)
+        except OSError:
+            pass
+
+    def _whenParentGone(self, then, tries: int = 1200) -> None:
+        """
+        Call C{then} once the old process has exited: we are its child, so it is gone when
+        our parent pid changes (a zombie old process still answers kill(pid, 0)).
+        """
+        if os.getppid() != self.parent or not tries:
+            then()
+            return
+        reactor.callLater(0.05, self._whenParentGone, then, tries - 1)
+
     def _forwardCancel(self, pid: int, secret: int) -> bool:
         channel = self.channel
         if channel is None or channel.closed:
@@ -713,7 +842,8 @@ class Takeover:
 def install_signal_handlers(top) -> Dict[int, object]:
     """
     SIGUSR2: upgrade.  SIGINT: upgrade when stdin is not a terminal (daemon mode, systemd,
-    nohup), shut down when it is (Ctrl-C in a terminal).  Returns the previous handlers.
+    nohup), safe shutdown when it is (Ctrl-C in a terminal).  Returns the previous handlers.
+    (SIGTERM and SIGQUIT: L{pgdoorman.service.PgDoormanService._installTermHandlers}.)
     """
     old: Dict[int, object] = {}
 
@@ -732,13 +862,21 @@ def install_signal_handlers(top) -> Dict[int, object]:
 
 
 def _interrupted(top) -> None:
+    """
+    SIGINT: in a terminal, PgBouncer's "safe shutdown" (let transactions finish, then exit),
+    and a second one while shutting down stops at once; without a terminal (daemon, systemd),
+    PgDoorman's zero-downtime upgrade.
+    """
+    if top.shutting_down:
+        top.shutdown_now("SIGINT during shutdown")
+        return
     try:
         tty = os.isatty(0)
     except OSError:
         tty = False
     if tty:
-        top.log.info("SIGINT received with a terminal: shutting down")
-        from pgdoorman.service import _stopReactor
-        _stopReactor()
+        top.log.info("SIGINT received with a terminal: shutting down once transactions "
+                     "finish (a second SIGINT stops at once)")
+        top.shutdown(wait_for="servers")
     else:
         top.upgrade("SIGINT without a terminal")

@@ -286,7 +286,13 @@ class Doorman:
     def stop(self, timeout=10):
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        # SIGTERM waits for connected clients to leave (PgBouncer's "super safe" shutdown); a
+        # second SIGTERM is the immediate shutdown, so teardown never waits shutdown_timeout.
         self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -101,7 +101,35 @@ def test_show_clients_and_servers(pgdoorman, pg, cfg):
     assert [r["state"] for r in show(d, "CLIENTS") if r["user"] == user] == ["idle"]
     sockets = show(d, "SOCKETS")
     assert {"cl_active", "sv_idle"} <= {r["state"] for r in sockets}
+    # PgBouncer 1.21+'s id column: one number per socket, clients and servers alike, the
+    # same one ptr shows in hex, and the same in SHOW SOCKETS.
+    c = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+    s = [r for r in show(d, "SERVERS") if r["database"] == "db1"][0]
+    assert c["id"] != s["id"] and c["id"] > 0 and s["id"] > 0
+    assert c["ptr"] == "0x%x" % c["id"] and s["ptr"] == "0x%x" % s["id"]
+    by_id = {r["id"]: r for r in show(d, "SOCKETS")}
+    assert by_id[c["id"]]["type"] == "C" and by_id[s["id"]]["type"] == "S"
     conn.close()
+
+
+def test_stats_parse_counts_are_exact(pgdoorman, pg, cfg):
+    """
+    total_client_parse_count counts the client's Parses, total_server_parse_count the Parses
+    servers got, including the one pgdoorman injects when a client Binds its statement on a
+    server that does not hold it yet.
+    """
+    user, password, config = cfg
+    d = pgdoorman(config)
+    a = d.connect(user, "db1", password, prepare_threshold=0)
+    a.execute("SELECT %s::int + 1", (1,), prepare=True)  # Parse on server 1
+    b = hold_transaction(d, user, password)  # takes server 1
+    assert a.execute("SELECT %s::int + 1", (2,), prepare=True).fetchone()[0] == 3  # server 2
+    b.commit()
+    row = [r for r in show(d, "STATS") if r["database"] == "db1"][0]
+    assert row["total_client_parse_count"] == 1
+    assert row["total_server_parse_count"] == 2
+    a.close()
+    b.close()
 
 
 def test_psql_commands_case_semicolons_and_errors(pgdoorman, cfg):

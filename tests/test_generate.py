@@ -205,3 +205,92 @@ def test_docs_page_is_generated_from_the_table():
 def test_reference_markdown_needs_reference():
     status, _, err = generate(["--markdown"])
     assert status == 2 and "--reference" in err
+
+
+# -- without a driver ------------------------------------------------------------------------
+
+#: A sitecustomize that makes every PostgreSQL driver unimportable, as after a plain
+#: `pip install .`, and reports at exit which driver modules were loaded anyway.
+NO_DRIVERS = '''
+import atexit, sys
+
+_DRIVERS = ("psycopg", "psycopg2", "psycopg_binary", "psycopg_c", "asyncpg", "pg8000")
+
+
+class _NoDrivers:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _DRIVERS:
+            raise ImportError("no module named %r (blocked by the test)" % name)
+        return None
+
+
+sys.meta_path.insert(0, _NoDrivers())
+
+
+@atexit.register
+def _report():
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in _DRIVERS)
+    sys.stderr.write("drivers loaded: %r\\n" % (loaded,))
+'''
+
+
+@pytest.fixture
+def no_drivers(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_DRIVERS)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), REPO])}
+    check = subprocess.run([sys.executable, "-c", "import psycopg"], env=dict(
+        doorman_env(), **env), stderr=subprocess.PIPE, text=True)
+    assert check.returncode != 0 and "blocked by the test" in check.stderr
+    return env
+
+
+def test_generate_without_psycopg(pg, pgdoorman, tmp_path, extra_users, no_drivers):
+    """
+    generate logs in with its own client (md5, cleartext and SCRAM superusers; the password
+    from the command line, PGPASSWORD or a password file; trust over the Unix socket) and the
+    config it writes works, with no driver importable.
+    """
+    pg.psql("DROP ROLE IF EXISTS gen_md5admin; DROP ROLE IF EXISTS gen_plainadmin; "
+            "DROP ROLE IF EXISTS gen_scramadmin")
+    pg.create_user("gen_md5admin", "md5-admin-pw", method="md5", superuser=True)
+    pg.psql("GRANT md5users TO gen_md5admin")
+    pg.create_user("gen_plainadmin", "plain-admin-pw", superuser=True)
+    pg.psql("GRANT plainusers TO gen_plainadmin")
+    pg.create_user("gen_scramadmin", "scram:admin-pw", superuser=True)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("# comment\nelsewhere:*:*:*:nope\n127.0.0.1:%d:*:gen_scramadmin:"
+                        "scram\\:admin-pw\n" % pg.port)
+    passfile.chmod(0o600)
+    tcp = ["--host", pg.host, "-p", str(pg.port)]
+    runs = [
+        (tcp + ["-u", "gen_md5admin", "--password", "md5-admin-pw"], {}),
+        (tcp + ["-u", "gen_plainadmin"], {"PGPASSWORD": "plain-admin-pw"}),
+        (tcp + ["-u", "gen_scramadmin"], {"PGPASSFILE": str(passfile)}),
+        (["--host", pg.socket_dir, "-p", str(pg.port), "-u", pg.superuser], {}),
+    ]
+    outputs = []
+    for args, env in runs:
+        status, text, err = generate(args, env_extra=dict(no_drivers, **env))
+        assert status == 0, (args, err)
+        assert "drivers loaded: []" in err, err
+        outputs.append(text)
+    data = yaml.safe_load(outputs[0])
+    users = {u["username"]: u for u in data["pools"]["db1"]["users"]}
+    assert users["u_md5"]["password"] == pg.password_hash("u_md5")
+    assert users["u_scram"]["password"] == pg.password_hash("u_scram")
+    assert "PostgreSQL 15" in outputs[0].split("general:")[0]
+    d = pgdoorman(for_test(outputs[2]))
+    for user, password in [("u_md5", USERS["u_md5"][0]), ("u_scram", USERS["u_scram"][0])]:
+        r = psql(d, user, "db2", password, "SELECT current_user")
+        assert r.returncode == 0 and r.stdout.strip() == user, r.stderr
+    # Wrong password and an unreachable server: the server's own message, no traceback.
+    status, _, err = generate(tcp + ["-u", "gen_md5admin", "--password", "wrong"],
+                              env_extra=dict(no_drivers, PGPASSWORD=""))
+    assert status == 1 and 'password authentication failed for user "gen_md5admin"' in err
+    assert "Traceback" not in err, err
+    status, _, err = generate(tcp + ["-u", "gen_scramadmin"],
+                              env_extra=dict(no_drivers, PGPASSWORD="",
+                                             PGPASSFILE=str(tmp_path / "none")))
+    assert status == 1 and "no password supplied" in err, err

@@ -7,9 +7,13 @@ import re
 import urllib.error
 import urllib.request
 
+import psycopg
 import pytest
+import yaml
+from psycopg.rows import dict_row
 
-from conftest import Background, free_port, simple_config, wait_until
+from conftest import (Background, free_port, make_config, pool_entry, simple_config,
+                      user_entry, wait_until)
 
 from pgdoorman.stats import Histogram
 
@@ -184,3 +188,50 @@ def test_dashboard_reads_exported_metrics(metered):
     wanted = set(re.findall(r"\b((?:pg_doorman|process)_[a-z_]+)", dashboard))
     assert wanted, "no metrics in the dashboard?"
     assert wanted <= exported, sorted(wanted - exported)
+
+
+def test_configured_pools_listed_before_first_use(pgdoorman, pg, new_user):
+    """
+    Every configured (database, user) is in SHOW POOLS, SHOW DATABASES and /metrics from the
+    start, with zeros, as in PgBouncer; listing them opens no server connection.
+    """
+    u1, p1 = new_user()
+    u2, p2 = new_user()
+    port = free_port()
+    config = make_config({
+        "db1": pool_entry(pg, [user_entry(u1, p1, server_username=u1, server_password=p1),
+                               user_entry(u2, p2, server_username=u2, server_password=p2)]),
+        "db2": pool_entry(pg, [user_entry(u1, p1, server_username=u1, server_password=p1)],
+                          database="db1")})
+    config["prometheus"] = {"enabled": True, "host": "127.0.0.1", "port": port}
+    d = pgdoorman(config)
+    wait_until(lambda: _up(port), message="metrics port up")
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True,
+                         row_factory=dict_row) as admin:
+        pools = {(r["database"], r["user"]): r for r in admin.execute("SHOW POOLS")}
+        assert set(pools) == {("db1", u1), ("db1", u2), ("db2", u1)}
+        for row in pools.values():
+            assert (row["cl_active"], row["cl_waiting"], row["sv_active"], row["sv_idle"]) \
+                == (0, 0, 0, 0)
+        stats = {r["database"] for r in admin.execute("SHOW STATS")}
+        assert {"db1", "db2"} <= stats
+        dbs = {r["name"]: r for r in admin.execute("SHOW DATABASES")}
+        assert dbs["db1"]["current_connections"] == 0 and "db2" in dbs
+    _, text = scrape(port)
+    for db, user in (("db1", u1), ("db1", u2), ("db2", u1)):
+        assert value(text, "pg_doorman_pool_size", database=db, user=user) == 2
+        assert value(text, "pg_doorman_pools_clients", status="idle", database=db,
+                     user=user) == 0
+    assert pg.count_backends(u1) == 0 and pg.count_backends(u2) == 0
+    # A pool added by a reload is listed at once too.
+    u3, p3 = new_user()
+    config["pools"]["db3"] = pool_entry(pg, [user_entry(u3, p3, server_username=u3,
+                                                        server_password=p3)], database="db1")
+    config["general"] = dict(config["general"], host="127.0.0.1", port=d.port)
+    with open(d.config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True,
+                         row_factory=dict_row) as admin:
+        admin.execute("RELOAD")
+        assert ("db3", u3) in {(r["database"], r["user"]) for r in admin.execute("SHOW POOLS")}
+    assert pg.count_backends(u3) == 0

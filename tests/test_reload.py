@@ -125,6 +125,63 @@ def test_invalid_config_keeps_running_config(pgdoorman, pg, new_user):
     assert "keeping the running configuration" in d.log()
 
 
+@pytest.mark.parametrize("how", ["sighup", "reload"])
+def test_invalid_key_is_named_and_nothing_changes(pgdoorman, pg, new_user, how):
+    """
+    A file that parses but has a wrong value is refused as a whole: the admin client (RELOAD)
+    or the log (SIGHUP) gets the file, line and key, and pool_size stays what it was even
+    though the same file also changed it.
+    """
+    user, password = new_user()
+    config = simple_config(pg, user, password, pool_size=2)
+    d = pgdoorman(config)
+    bad = simple_config(pg, user, password, pool_size=5)
+    bad["pools"]["db1"]["users"][0]["min_pool_size"] = "lots"
+    rewrite(d, bad)
+    with open(d.config_path) as f:
+        line = [n for n, text in enumerate(f, 1) if "min_pool_size" in text][0]
+    expected = ["pgdoorman.yaml:%d" % line, "pools.db1.users[0].min_pool_size"]
+    if how == "reload":
+        with admin(d) as conn:
+            with pytest.raises(psycopg.Error) as e:
+                conn.execute("RELOAD")
+            assert e.value.sqlstate == "F0000"
+            for part in expected:
+                assert part in e.value.diag.message_primary
+    else:
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "keeping the running configuration" in d.log(),
+                   message="reload failure logged")
+        failed = [ln for ln in d.log().splitlines() if "keeping the running" in ln][0]
+        for part in expected:
+            assert part in failed
+    assert d.alive()
+    with admin(d) as conn:
+        row = [r for r in conn.execute("SHOW DATABASES").fetchall() if r["name"] == "db1"][0]
+    assert row["pool_size"] == 2
+    with d.connect(user, "db1", password) as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_reload_refuses_missing_tls_files(pgdoorman, pg, new_user, tmp_path):
+    """What `pgdoorman -t` checks beyond parsing (TLS files) also stops a RELOAD."""
+    user, password = new_user()
+    config = simple_config(pg, user, password, pool_size=2)
+    d = pgdoorman(config)
+    bad = dict(config, general=dict(config["general"],
+                                    tls_certificate=str(tmp_path / "missing.crt"),
+                                    tls_private_key=str(tmp_path / "missing.key")))
+    rewrite(d, bad)
+    with admin(d) as conn:
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("RELOAD")
+        message = e.value.diag.message_primary
+        assert "general.tls_certificate" in message and "missing.crt" in message
+    # The running configuration (no TLS) is still the one in use.
+    with psycopg.connect(d.dsn(user, "db1", password, sslmode="disable")) as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
 def test_pools_added_and_removed_and_passwords_changed(pgdoorman, pg, new_user):
     u1, p1 = new_user()
     u2, p2 = new_user()

@@ -12,6 +12,7 @@ import ssl
 import struct
 import time
 
+import psycopg
 import pytest
 
 from conftest import (Background, Cluster, RawClient, make_config, pool_entry, psql,
@@ -119,6 +120,16 @@ def test_client_tls_require_psql_and_psycopg(tls_pg, pki, pgdoorman):
     assert r.returncode != 0 and "certificate verify failed" in r.stderr
     server_ssl, client_ssl = ssl_in_use_query(d, sslmode="require")
     assert client_ssl and server_ssl
+    # SHOW CLIENTS / SHOW SERVERS name the protocol and cipher, as PgBouncer's tls column.
+    with d.connect("tls_u", "tlsdb", "tls-secret", sslmode="require", autocommit=False) as c:
+        c.execute("SELECT 1")
+        with psycopg.connect(d.dsn("admin", "pgdoorman", "admin", sslmode="require"),
+                             autocommit=True) as admin:
+            for what in ("CLIENTS", "SERVERS"):
+                cur = admin.execute("SHOW " + what)
+                col = [x.name for x in cur.description].index("tls")
+                tls = [r[col] for r in cur.fetchall()]
+                assert tls and all(t.startswith("TLSv1.") and "/" in t for t in tls), tls
     # A client that must use TLS and does not is refused, clearly.
     r = psql(d, "tls_u", "tlsdb", "tls-secret", "SELECT 1",
              env_extra={"PGSSLMODE": "disable"})
@@ -451,3 +462,50 @@ def test_server_mutual_tls_client_certificate(tls_pg, pki, pgdoorman):
     d = pgdoorman(cfg)
     with pytest.raises(psycopg.OperationalError):
         d.connect("cert_u", "tlsdb", "doorman-side-secret")
+
+
+# -- tls_rate_limit_per_second -------------------------------------------------------------
+
+def test_handshake_limiter_budget():
+    from pgdoorman.tlslimit import HandshakeLimiter
+    now = [100.0]
+    lim = HandshakeLimiter(clock=lambda: now[0])
+    assert lim.delay(0) == 0.0
+    # 500/s: a burst of 5 at once, then one every 2 ms.
+    waits = [lim.delay(500) for _ in range(10)]
+    assert waits[:5] == [0.0] * 5
+    assert waits[5:] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.010])
+    now[0] += 1.0  # a quiet second restores the burst
+    assert [lim.delay(500) for _ in range(5)] == [0.0] * 5
+
+
+def test_tls_rate_limit_spreads_handshakes(tls_pg, pki, pgdoorman):
+    """
+    30 SSLRequests at once with tls_rate_limit_per_second 100: the 'S' answers (and the
+    handshakes) come one per 10 ms instead of all at once, nobody is refused, and a real TLS
+    login still works.
+    """
+    d = pgdoorman(tls_config(tls_pg, pki, general={"tls_rate_limit_per_second": 100}))
+    socks = []
+    for _ in range(30):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        socks.append(s)
+    started = time.monotonic()
+    for s in socks:
+        s.sendall(SSL_REQUEST)
+    answered = []
+    for s in socks:
+        assert s.recv(1) == b"S"
+        answered.append(time.monotonic() - started)
+        s.close()
+    assert max(answered) >= 0.2, answered  # 30 at 100/s: the last one after ~0.29 s
+    server_ssl, client_ssl = ssl_in_use_query(d, sslmode="require")
+    assert client_ssl and server_ssl
+
+
+def test_tls_rate_limit_must_be_a_multiple_of_100(tls_pg, pki, tmp_path):
+    from conftest import run_check, write_config
+    path = write_config(tmp_path, tls_config(tls_pg, pki, general={
+        "tls_rate_limit_per_second": 150}))
+    status, out = run_check(path)
+    assert status == 1 and "tls_rate_limit_per_second" in out and "multiple of 100" in out
