@@ -28,6 +28,7 @@ from pgdoorman.auth import hba as _hba
 from pgdoorman.auth import jwt as _jwt
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import pam as _pam
+from pgdoorman.auth import query as _auth_query
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
 from pgdoorman.sendnow import make_sender
@@ -313,6 +314,10 @@ class ClientConnection(protocol.Protocol):
                         "no pool of that name in the config")
             return
         ucfg = pcfg.user(user)
+        if ucfg is None and pcfg.auth_query is not None:
+            # Not listed: the pool's auth_query looks the user up, then calls _startAuth.
+            _auth_query.start_login(self, pcfg, user, rest)
+            return
         if ucfg is None:
             self._fatal(errors.PgError(errors.INVALID_PASSWORD,
                                        'password authentication failed for user "%s"' % user),

@@ -1,0 +1,206 @@
+"""
+auth_query (issue 15, PgDoorman parity): users a pool does not list are looked up in
+PostgreSQL with the pool's query, over connections of their own as auth_query.user.
+
+The lookups are counted where PostgreSQL itself writes them down: the lookup role has
+log_statement = 'all', so each query it runs is a line of the cluster's log with the user
+name as its parameter.  SHOW AUTH_QUERY's counters are checked against the same events.
+"""
+
+import os
+import re
+import time
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from conftest import (RawClient, ServerError, _make_cluster, make_config, pool_entry,
+                      run_check, user_entry, wait_until, write_config)
+
+SASL, MD5 = 10, 5
+LOOKUP = "SELECT usename, passwd FROM doorman_lookup($1)"
+
+
+@pytest.fixture(scope="module")
+def aq_pg():
+    """A cluster with a lookup role that may read secrets only through a function."""
+    pg = _make_cluster()
+    pg.create_user("lookup", "lookup-pw")
+    pg.psql("ALTER ROLE lookup SET log_statement = 'all'")
+    pg.psql("""
+        CREATE FUNCTION doorman_lookup(uname text) RETURNS TABLE(usename name, passwd text)
+        LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+        AS $$ SELECT usename, passwd FROM pg_shadow WHERE usename = uname $$;
+        REVOKE ALL ON FUNCTION doorman_lookup(text) FROM public;
+        GRANT EXECUTE ON FUNCTION doorman_lookup(text) TO lookup;
+        """, db="db1")
+    yield pg
+    pg.destroy()
+
+
+def lookups(pg, user):
+    """How many times PostgreSQL's log shows the lookup query run for C{user}."""
+    with open(os.path.join(pg.base_dir, "postgres.log"), errors="replace") as f:
+        text = f.read()
+    return len(re.findall(r"parameters: \$1 = '%s'" % re.escape(user), text))
+
+
+def aq_config(pg, users=(), **auth_query):
+    aq = {"query": LOOKUP, "user": "lookup", "password": "lookup-pw",
+          "cache_ttl": "1h", "cache_failure_ttl": "30s"}
+    aq.update(auth_query)
+    pool = pool_entry(pg, list(users), auth_query=aq)
+    return make_config({"db1": pool}, connect_timeout="3s", query_wait_timeout="5s")
+
+
+def show(d, what):
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True,
+                         row_factory=dict_row) as conn:
+        return conn.execute("SHOW %s" % what).fetchall()
+
+
+def auth_query_row(d):
+    rows = show(d, "AUTH_QUERY")
+    assert [r["database"] for r in rows] == ["db1"], rows
+    return rows[0]
+
+
+def test_md5_and_scram_users_are_found_by_the_query(aq_pg, pgdoorman):
+    md5_user, md5_pw = aq_pg.new_user("md5", prefix="aq")
+    scram_user, scram_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    d = pgdoorman(aq_config(aq_pg))
+    for user, pw, method in ((md5_user, md5_pw, MD5), (scram_user, scram_pw, SASL)):
+        c = RawClient(d.port).startup(user, "db1", pw)
+        try:
+            # The stored secret picks the method, as for a configured password.
+            assert c.auth_requests == [method]
+            assert c.query("SELECT current_user") == [(user,)]
+        finally:
+            c.terminate()
+        with d.connect(user, "db1", pw) as conn:
+            assert conn.execute("SELECT session_user").fetchone() == (user,)
+        assert lookups(aq_pg, user) == 1
+        # A wrong password re-fetches the secret once (PostgreSQL may have a new one), then
+        # not again within min_interval.
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError) as e:
+                psycopg.connect(d.dsn(user, "db1", "wrong"))
+            assert 'password authentication failed for user "%s"' % user in str(e.value)
+        wait_until(lambda: lookups(aq_pg, user) == 2, message="one re-fetch")
+    row = auth_query_row(d)
+    assert (row["cache_refetches"], row["rate_limited"]) == (2, 2), row
+    assert (row["auth_success"], row["auth_failure"]) == (4, 4), row
+    assert lookups(aq_pg, md5_user) == 2 and lookups(aq_pg, scram_user) == 2
+
+
+def test_unknown_user_is_refused_and_the_refusal_is_cached(aq_pg, pgdoorman):
+    d = pgdoorman(aq_config(aq_pg, cache_failure_ttl="2s"))
+    for _ in range(5):
+        c = RawClient(d.port)
+        with pytest.raises(ServerError) as e:
+            c.startup("aq_nobody", "db1", "whatever")
+        assert e.value.sqlstate == "28P01"
+        assert e.value.fields.get("S") == "FATAL"
+        assert e.value.message == 'password authentication failed for user "aq_nobody"'
+        assert c.closed_within(5)
+    assert lookups(aq_pg, "aq_nobody") == 1
+    row = auth_query_row(d)
+    assert (row["executor_queries"], row["cache_misses"], row["cache_hits"]) == (1, 1, 4), row
+    assert row["auth_failure"] == 5 and row["auth_success"] == 0, row
+    time.sleep(2.2)  # cache_failure_ttl
+    with pytest.raises(ServerError):
+        RawClient(d.port).startup("aq_nobody", "db1", "whatever")
+    assert lookups(aq_pg, "aq_nobody") == 2
+    assert auth_query_row(d)["executor_queries"] == 2
+
+
+def test_found_secret_is_cached_and_a_new_password_counts_after_cache_ttl(aq_pg, pgdoorman):
+    user, old = aq_pg.new_user("md5", prefix="aq")
+    d = pgdoorman(aq_config(aq_pg, cache_ttl="3s"))
+    for _ in range(3):
+        with d.connect(user, "db1", old) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (user,)
+    assert lookups(aq_pg, user) == 1
+    row = auth_query_row(d)
+    assert (row["cache_hits"], row["cache_misses"], row["auth_success"]) == (2, 1, 3), row
+    changed = time.monotonic()
+    aq_pg.psql("SET password_encryption = 'md5'; ALTER ROLE \"%s\" PASSWORD 'new-pw'" % user)
+    # Within cache_ttl the secret pgdoorman fetched still stands.
+    with d.connect(user, "db1", old) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert lookups(aq_pg, user) == 1
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - changed)))
+    with d.connect(user, "db1", "new-pw") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+    assert lookups(aq_pg, user) == 2
+    with pytest.raises(psycopg.OperationalError) as e:
+        psycopg.connect(d.dsn(user, "db1", old))
+    assert "password authentication failed" in str(e.value)
+
+
+def test_passthrough_pools_log_in_as_each_user(aq_pg, pgdoorman):
+    a, a_pw = aq_pg.new_user("md5", prefix="aq")
+    b, b_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    d = pgdoorman(aq_config(aq_pg, pool_size=3))
+    with d.connect(a, "db1", a_pw) as ca, d.connect(b, "db1", b_pw) as cb:
+        ca.execute("SELECT 1")
+        cb.execute("SELECT 1")
+        pools = {(r["database"], r["user"]): r for r in show(d, "POOLS")}
+        assert ("db1", a) in pools and ("db1", b) in pools, pools
+        assert pools[("db1", a)]["pool_size"] == 3
+        assert aq_pg.count_backends(a, "db1") == 1
+        assert aq_pg.count_backends(b, "db1") == 1
+    assert auth_query_row(d)["dynamic_pools"] == 2
+
+
+def test_dedicated_mode_shares_one_pool_as_server_user(aq_pg, pgdoorman):
+    a, a_pw = aq_pg.new_user("md5", prefix="aq")
+    b, b_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    server_user, server_pw = aq_pg.new_user("scram-sha-256", prefix="aqsrv")
+    d = pgdoorman(aq_config(aq_pg, server_user=server_user, server_password=server_pw,
+                            pool_size=1))
+    for user, pw in ((a, a_pw), (b, b_pw)):
+        with d.connect(user, "db1", pw) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (server_user,)
+    users = [r["user"] for r in show(d, "POOLS") if r["database"] == "db1"]
+    assert users == [server_user], users
+    assert aq_pg.count_backends(a) == 0 and aq_pg.count_backends(b) == 0
+    assert aq_pg.count_backends(server_user, "db1") == 1
+
+
+def test_listed_users_do_not_go_through_the_query(aq_pg, pgdoorman):
+    cfg = aq_config(aq_pg, users=[user_entry("u_scram", "scram-secret")])
+    d = pgdoorman(cfg)
+    with d.connect("u_scram", "db1", "scram-secret") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("u_scram",)
+    assert lookups(aq_pg, "u_scram") == 0
+    assert auth_query_row(d)["executor_queries"] == 0
+
+
+@pytest.mark.parametrize("broken", ["query", "password"])
+def test_failed_lookup_is_a_clear_error_and_logged(aq_pg, pgdoorman, broken):
+    user, pw = aq_pg.new_user("md5", prefix="aq")
+    kw = ({"query": "SELECT passwd FROM no_such_table WHERE usename = $1"}
+          if broken == "query" else {"password": "not-the-password"})
+    d = pgdoorman(aq_config(aq_pg, **kw))
+    c = RawClient(d.port)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as e:
+        c.startup(user, "db1", pw)
+    assert time.monotonic() - t0 < 10
+    assert e.value.sqlstate == "08006"
+    assert 'could not look up user "%s"' % user in e.value.message
+    assert "no_such_table" not in e.value.message  # the details are for the operator
+    why = "no_such_table" if broken == "query" else "password authentication failed"
+    wait_until(lambda: why in d.log(), message="the log says why")
+    assert "auth_query" in d.log()
+    assert auth_query_row(d)["executor_errors"] >= 1
+    # A static user of another pool is not affected.
+    assert d.alive()
+
+
+def test_check_no_longer_calls_auth_query_unimplemented(aq_pg, tmp_path):
+    status, out = run_check(write_config(tmp_path, aq_config(aq_pg)))
+    assert status == 0, out
+    assert "not implemented" not in out, out
