@@ -410,7 +410,8 @@ OPTIONS: List[Option] = (
         _r("auth_query", "auth_query", None,
            "Look up passwords of users not listed in users with a query."),
         _r("users", "user_list", [],
-           "The users that may connect to this pool; at least one."),
+           "The users that may connect to this pool; at least one, unless "
+           "the pool has an auth_query."),
     )
     + _opts(
         "user",
@@ -452,7 +453,8 @@ OPTIONS: List[Option] = (
            "Password of 'user': plaintext, or its md5 hash when PostgreSQL "
            "asks for md5."),
         _r("database", "str", None,
-           "Database to run the query in; defaults to the pool's name."),
+           "Database to run the query in; defaults to the pool's "
+           "server_database."),
         _r("workers", "int", 2, "Connections that run auth queries.",
            minimum=1),
         _r("server_user", "str", None,
