@@ -15,8 +15,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from conftest import (RawClient, ServerError, _make_cluster, make_config, pool_entry,
-                      run_check, user_entry, wait_until, write_config)
+from conftest import (Background, RawClient, ServerError, _make_cluster, make_config,
+                      pool_entry, run_check, user_entry, wait_until, write_config)
+from test_upgrade import upgrades as upgrades_fixture
+
+upgrades = upgrades_fixture  # the fixture, shared with the upgrade tests
 
 SASL, MD5 = 10, 5
 LOOKUP = "SELECT usename, passwd FROM doorman_lookup($1)"
@@ -204,3 +207,42 @@ def test_check_no_longer_calls_auth_query_unimplemented(aq_pg, tmp_path):
     status, out = run_check(write_config(tmp_path, aq_config(aq_pg)))
     assert status == 0, out
     assert "not implemented" not in out, out
+
+
+@pytest.mark.timeout(120)
+def test_looked_up_clients_move_with_a_zero_downtime_upgrade(aq_pg, pgdoorman, upgrades):
+    md5_user, md5_pw = aq_pg.new_user("md5", prefix="aq")
+    scram_user, scram_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    cfg = aq_config(aq_pg)
+    cfg["general"]["shutdown_timeout"] = "20s"
+    d = upgrades.follow(pgdoorman(cfg))
+    with d.connect(md5_user, "db1", md5_pw) as a, d.connect(scram_user, "db1", scram_pw) as b:
+        assert a.execute("SELECT 1").fetchone() == (1,)
+        assert b.execute("SELECT 1").fetchone() == (1,)
+        pids = {a.info.backend_pid, b.info.backend_pid}
+        upgrades.signal(d)
+        upgrades.wait_old_gone(d)
+        assert {a.info.backend_pid, b.info.backend_pid} == pids  # the same client sessions
+        # The new process opens new server connections, as each user, for them.
+        assert a.execute("SELECT current_user").fetchone() == (md5_user,)
+        assert b.execute("SELECT current_user").fetchone() == (scram_user,)
+    assert "2 clients handed over" in d.log()
+
+
+def test_concurrent_logins_share_one_lookup_and_workers_cap_connections(aq_pg, pgdoorman):
+    same, same_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    others = [aq_pg.new_user("md5", prefix="aq") for _ in range(5)]
+    d = pgdoorman(aq_config(aq_pg, workers=2, pool_size=8))
+
+    def login(user, pw):
+        with d.connect(user, "db1", pw) as conn:
+            return conn.execute("SELECT current_user").fetchone()[0]
+
+    logins = [Background(login, same, same_pw) for _ in range(8)]
+    logins += [Background(login, user, pw) for user, pw in others]
+    assert sorted(b.result(30) for b in logins) == sorted([same] * 8 + [u for u, _ in others])
+    assert lookups(aq_pg, same) == 1  # one query answered the eight logins
+    assert all(lookups(aq_pg, user) == 1 for user, _ in others)
+    assert auth_query_row(d)["executor_queries"] == 6
+    # At most `workers` lookup connections, kept open for the next lookups.
+    assert 1 <= aq_pg.count_backends("lookup", "db1") <= 2

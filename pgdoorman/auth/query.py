@@ -289,8 +289,10 @@ class AuthQuery:
             return
         if secret is None:
             return  # the role is gone: its pool drains away with its clients
+        old = pool.settings.client_password
         pool.settings = dataclasses.replace(pool.settings, client_password=secret)
-        pool.scram_client_key = None  # the next SCRAM login brings the new one
+        if old is not None:
+            pool.scram_client_key = None  # a new password: the next SCRAM login brings its key
 
     # -- the lookup connections ----------------------------------------------------------------
 
@@ -516,16 +518,20 @@ def dynamic_pool(service, pcfg, user: str):
         return None
     aq = for_pool(service, pcfg)
     entry = aq.entries.get(user)
-    if entry is None or entry.secret is None:
+    if entry is not None and entry.secret is None:
         return None
-    from pgdoorman.pool import Pool
     server_user = pcfg.auth_query.server_user
+    if entry is None and server_user is None:
+        # A client the previous process logged in (zero-downtime upgrade): its pool is
+        # made now, and learns the secret when this lookup answers.
+        aq.lookup(user).addErrback(lambda f: None)
+    from pgdoorman.pool import Pool
     owner = server_user or user
     key = (pcfg.name, owner)
     pool = service.pools.get(key)
     if pool is None:
         settings = service.config.pool_settings(pcfg.name, owner)
-        if server_user is None:
+        if server_user is None and entry is not None:
             settings = dataclasses.replace(settings, client_password=entry.secret)
         pool = service.pools[key] = Pool(service, pcfg.name, owner, settings)
         pool.auth_query = True
