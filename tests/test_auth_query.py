@@ -246,3 +246,22 @@ def test_concurrent_logins_share_one_lookup_and_workers_cap_connections(aq_pg, p
     assert auth_query_row(d)["executor_queries"] == 6
     # At most `workers` lookup connections, kept open for the next lookups.
     assert 1 <= aq_pg.count_backends("lookup", "db1") <= 2
+
+
+def test_pools_of_users_gone_idle_are_forgotten(aq_pg, pgdoorman):
+    a, a_pw = aq_pg.new_user("md5", prefix="aq")
+    b, b_pw = aq_pg.new_user("md5", prefix="aq")
+    cfg = aq_config(aq_pg)
+    cfg["general"]["idle_timeout"] = "1s"
+    d = pgdoorman(cfg)
+    with d.connect(a, "db1", a_pw) as conn:
+        conn.execute("SELECT 1")
+    assert [r["user"] for r in show(d, "POOLS")] == [a]
+    wait_until(lambda: aq_pg.count_backends(a, "db1") == 0, timeout=10,
+               message="idle_timeout closing the server")
+    with d.connect(b, "db1", b_pw) as conn:
+        conn.execute("SELECT 1")
+        assert [r["user"] for r in show(d, "POOLS")] == [b]
+    # and the first user comes back to a pool of its own again
+    with d.connect(a, "db1", a_pw) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (a,)

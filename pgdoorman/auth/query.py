@@ -509,6 +509,18 @@ def start_login(client, pcfg, user: str, rest: bytes) -> None:
     aq.lookup(user).addCallbacks(found, broken)
 
 
+def _forget_unused_pools(service) -> None:
+    """
+    Looked-up users come and go: a pool of theirs with no client and no server left (its
+    servers closed by idle_timeout or server_lifetime) is dropped when another such pool is
+    made, so that their number stays that of the users seen lately.
+    """
+    for key, pool in list(service.pools.items()):
+        if getattr(pool, "auth_query", False) and not pool.clients and not pool.servers \
+                and not pool.connecting and not pool.waiting and not pool.members:
+            del service.pools[key]
+
+
 def dynamic_pool(service, pcfg, user: str):
     """
     The pool for C{user}, a user of C{pcfg} known through its auth_query (None if it is not
@@ -530,6 +542,7 @@ def dynamic_pool(service, pcfg, user: str):
     key = (pcfg.name, owner)
     pool = service.pools.get(key)
     if pool is None:
+        _forget_unused_pools(service)
         settings = service.config.pool_settings(pcfg.name, owner)
         if server_user is None and entry is not None:
             settings = dataclasses.replace(settings, client_password=entry.secret)
