@@ -15,8 +15,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from conftest import (Background, RawClient, ServerError, _make_cluster, make_config,
-                      pool_entry, run_check, user_entry, wait_until, write_config)
+from conftest import (Background, RawClient, ServerError, _make_cluster, free_port,
+                      make_config, pool_entry, run_check, user_entry, wait_until, write_config)
+from test_metrics import scrape, value
 from test_upgrade import upgrades as upgrades_fixture
 
 upgrades = upgrades_fixture  # the fixture, shared with the upgrade tests
@@ -253,6 +254,8 @@ def test_pools_of_users_gone_idle_are_forgotten(aq_pg, pgdoorman):
     b, b_pw = aq_pg.new_user("md5", prefix="aq")
     cfg = aq_config(aq_pg)
     cfg["general"]["idle_timeout"] = "1s"
+    port = free_port()
+    cfg["prometheus"] = {"enabled": True, "host": "127.0.0.1", "port": port}
     d = pgdoorman(cfg)
     with d.connect(a, "db1", a_pw) as conn:
         conn.execute("SELECT 1")
@@ -265,3 +268,12 @@ def test_pools_of_users_gone_idle_are_forgotten(aq_pg, pgdoorman):
     # and the first user comes back to a pool of its own again
     with d.connect(a, "db1", a_pw) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (a,)
+    # PgDoorman's metric families tell the same story.
+    _, text = scrape(port)
+    dyn = "pg_doorman_auth_query_dynamic_pools"
+    assert value(text, dyn, type="created", database="db1") == 3
+    assert value(text, dyn, type="destroyed", database="db1") >= 1
+    assert value(text, dyn, type="current", database="db1") <= 2
+    assert value(text, "pg_doorman_auth_query_auth", result="success", database="db1") == 3
+    assert value(text, "pg_doorman_auth_query_executor", type="queries", database="db1") == 2
+    assert value(text, "pg_doorman_auth_query_cache", type="hits", database="db1") == 1

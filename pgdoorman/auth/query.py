@@ -208,6 +208,7 @@ class AuthQuery:
         self.cache_hits = self.cache_misses = self.cache_refetches = 0
         self.rate_limited = self.auth_success = self.auth_failure = 0
         self.executor_queries = self.executor_errors = 0
+        self.pools_created = self.pools_destroyed = 0
 
     # -- the cache ---------------------------------------------------------------------------
 
@@ -415,14 +416,16 @@ class AuthQuery:
             self._open -= 1
             server.close()
 
-    # -- for SHOW AUTH_QUERY -----------------------------------------------------------------
+    # -- for SHOW AUTH_QUERY and /metrics -----------------------------------------------------
+
+    def dynamic_pools(self) -> int:
+        return sum(1 for p in self.service.pools.values()
+                   if p.database == self.pool_name and getattr(p, "auth_query", False))
 
     def row(self) -> list:
-        pools = sum(1 for p in self.service.pools.values()
-                    if p.database == self.pool_name and getattr(p, "auth_query", False))
         return [self.pool_name, len(self.entries), self.cache_hits, self.cache_misses,
                 self.cache_refetches, self.rate_limited, self.auth_success, self.auth_failure,
-                self.executor_queries, self.executor_errors, pools]
+                self.executor_queries, self.executor_errors, self.dynamic_pools()]
 
 
 def _registry(service) -> Dict[str, AuthQuery]:
@@ -519,6 +522,9 @@ def _forget_unused_pools(service) -> None:
         if getattr(pool, "auth_query", False) and not pool.clients and not pool.servers \
                 and not pool.connecting and not pool.waiting and not pool.members:
             del service.pools[key]
+            pcfg = service.config.pools.get(pool.database)
+            if pcfg is not None and pcfg.auth_query is not None:
+                for_pool(service, pcfg).pools_destroyed += 1
 
 
 def dynamic_pool(service, pcfg, user: str):
@@ -548,6 +554,7 @@ def dynamic_pool(service, pcfg, user: str):
             settings = dataclasses.replace(settings, client_password=entry.secret)
         pool = service.pools[key] = Pool(service, pcfg.name, owner, settings)
         pool.auth_query = True
+        aq.pools_created += 1
         pool.paused = service.paused_all or pcfg.name in service.paused_databases
         log.info("auth_query {db}: new pool for {user} ({mode})", db=pcfg.name, user=owner,
                  mode="dedicated" if server_user else "passthrough")
