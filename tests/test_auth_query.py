@@ -277,3 +277,17 @@ def test_pools_of_users_gone_idle_are_forgotten(aq_pg, pgdoorman):
     assert value(text, "pg_doorman_auth_query_auth", result="success", database="db1") == 3
     assert value(text, "pg_doorman_auth_query_executor", type="queries", database="db1") == 2
     assert value(text, "pg_doorman_auth_query_cache", type="hits", database="db1") == 1
+
+
+def test_reload_empties_the_cache_and_keeps_connected_clients(aq_pg, pgdoorman):
+    user, pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    d = pgdoorman(aq_config(aq_pg))
+    with d.connect(user, "db1", pw) as conn:
+        conn.execute("SELECT 1")
+        with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as adm:
+            adm.execute("RELOAD")
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+        with d.connect(user, "db1", pw) as again:
+            assert again.execute("SELECT current_user").fetchone() == (user,)
+    assert lookups(aq_pg, user) == 2
+    assert auth_query_row(d)["cache_entries"] == 1

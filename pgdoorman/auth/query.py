@@ -441,6 +441,9 @@ def for_pool(service, pcfg) -> AuthQuery:
     table gets new lookup connections (the counters carry on).
     """
     reg = _registry(service)
+    for name in [n for n, q in reg.items() if q.reloads != service.reloads
+                 and getattr(service.config.pools.get(n), "auth_query", None) is None]:
+        reg.pop(name).close()  # the pool or its auth_query is gone from the config
     aq = reg.get(pcfg.name)
     if aq is None:
         aq = reg[pcfg.name] = AuthQuery(service, pcfg.name, pcfg.auth_query)
