@@ -291,3 +291,23 @@ def test_reload_empties_the_cache_and_keeps_connected_clients(aq_pg, pgdoorman):
             assert again.execute("SELECT current_user").fetchone() == (user,)
     assert lookups(aq_pg, user) == 2
     assert auth_query_row(d)["cache_entries"] == 1
+
+
+def test_custom_table_with_one_password_column(aq_pg, pgdoorman):
+    # Not pg_shadow: a table of the application's own, whose only column is "password"
+    # and holds a plaintext password; the server login then uses it as is.
+    user, pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    aq_pg.psql("CREATE TABLE IF NOT EXISTS app_logins (name text PRIMARY KEY, secret text);"
+               "GRANT SELECT ON app_logins TO lookup;"
+               "INSERT INTO app_logins VALUES ('%s', '%s')" % (user, pw), db="db1")
+    d = pgdoorman(aq_config(aq_pg, query="SELECT secret AS password FROM app_logins "
+                                         "WHERE name = $1"))
+    c = RawClient(d.port).startup(user, "db1", pw)
+    try:
+        assert c.auth_requests == [SASL]
+        assert c.query("SELECT current_user") == [(user,)]
+    finally:
+        c.terminate()
+    with pytest.raises(ServerError) as e:
+        RawClient(d.port).startup(user, "db1", "wrong")
+    assert e.value.sqlstate == "28P01"

@@ -291,7 +291,7 @@ class AuthQuery:
         if secret is None:
             return  # the role is gone: its pool drains away with its clients
         old = pool.settings.client_password
-        pool.settings = dataclasses.replace(pool.settings, client_password=secret)
+        pool.settings = _with_secret(pool.settings, secret)
         if old is not None:
             pool.scram_client_key = None  # a new password: the next SCRAM login brings its key
 
@@ -515,6 +515,18 @@ def start_login(client, pcfg, user: str, rest: bytes) -> None:
     aq.lookup(user).addCallbacks(found, broken)
 
 
+def _with_secret(settings, secret: str):
+    """
+    A passthrough pool's settings with the user's looked-up secret: an md5 hash or SCRAM
+    secret serves the server login as the config's would; a plaintext one (a custom table
+    may hold those) is the server password itself, as for a plaintext configured password.
+    """
+    from pgdoorman.config import password_kind
+    plain = password_kind(secret) == "plain"
+    return dataclasses.replace(settings, client_password=secret,
+                               server_password=secret if plain else None)
+
+
 def _forget_unused_pools(service) -> None:
     """
     Looked-up users come and go: a pool of theirs with no client and no server left (its
@@ -554,7 +566,7 @@ def dynamic_pool(service, pcfg, user: str):
         _forget_unused_pools(service)
         settings = service.config.pool_settings(pcfg.name, owner)
         if server_user is None and entry is not None:
-            settings = dataclasses.replace(settings, client_password=entry.secret)
+            settings = _with_secret(settings, entry.secret)
         pool = service.pools[key] = Pool(service, pcfg.name, owner, settings)
         pool.auth_query = True
         aq.pools_created += 1
