@@ -73,7 +73,7 @@ def auth_query_row(d):
 def test_md5_and_scram_users_are_found_by_the_query(aq_pg, pgdoorman):
     md5_user, md5_pw = aq_pg.new_user("md5", prefix="aq")
     scram_user, scram_pw = aq_pg.new_user("scram-sha-256", prefix="aq")
-    d = pgdoorman(aq_config(aq_pg))
+    d = pgdoorman(aq_config(aq_pg, min_interval="30s"))
     for user, pw, method in ((md5_user, md5_pw, MD5), (scram_user, scram_pw, SASL)):
         c = RawClient(d.port).startup(user, "db1", pw)
         try:
@@ -99,7 +99,7 @@ def test_md5_and_scram_users_are_found_by_the_query(aq_pg, pgdoorman):
 
 
 def test_unknown_user_is_refused_and_the_refusal_is_cached(aq_pg, pgdoorman):
-    d = pgdoorman(aq_config(aq_pg, cache_failure_ttl="2s"))
+    d = pgdoorman(aq_config(aq_pg, cache_failure_ttl="4s"))
     for _ in range(5):
         c = RawClient(d.port)
         with pytest.raises(ServerError) as e:
@@ -112,7 +112,7 @@ def test_unknown_user_is_refused_and_the_refusal_is_cached(aq_pg, pgdoorman):
     row = auth_query_row(d)
     assert (row["executor_queries"], row["cache_misses"], row["cache_hits"]) == (1, 1, 4), row
     assert row["auth_failure"] == 5 and row["auth_success"] == 0, row
-    time.sleep(2.2)  # cache_failure_ttl
+    time.sleep(4.2)  # cache_failure_ttl
     with pytest.raises(ServerError):
         RawClient(d.port).startup("aq_nobody", "db1", "whatever")
     assert lookups(aq_pg, "aq_nobody") == 2
@@ -121,20 +121,24 @@ def test_unknown_user_is_refused_and_the_refusal_is_cached(aq_pg, pgdoorman):
 
 def test_found_secret_is_cached_and_a_new_password_counts_after_cache_ttl(aq_pg, pgdoorman):
     user, old = aq_pg.new_user("md5", prefix="aq")
-    d = pgdoorman(aq_config(aq_pg, cache_ttl="3s"))
-    for _ in range(3):
+    ttl = 8.0
+    d = pgdoorman(aq_config(aq_pg, cache_ttl="%gs" % ttl))
+    before = time.monotonic()  # the lookup comes after this
+    for i in range(3):
         with d.connect(user, "db1", old) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (user,)
+        if i == 0:
+            after = time.monotonic()  # and before this
     assert lookups(aq_pg, user) == 1
     row = auth_query_row(d)
     assert (row["cache_hits"], row["cache_misses"], row["auth_success"]) == (2, 1, 3), row
-    changed = time.monotonic()
     aq_pg.psql("SET password_encryption = 'md5'; ALTER ROLE \"%s\" PASSWORD 'new-pw'" % user)
     # Within cache_ttl the secret pgdoorman fetched still stands.
     with d.connect(user, "db1", old) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert time.monotonic() - before < ttl, "too slow to observe the cache"
     assert lookups(aq_pg, user) == 1
-    time.sleep(max(0.0, 3.2 - (time.monotonic() - changed)))
+    time.sleep(max(0.0, ttl + 0.3 - (time.monotonic() - after)))
     with d.connect(user, "db1", "new-pw") as conn:
         assert conn.execute("SELECT current_user").fetchone() == (user,)
     assert lookups(aq_pg, user) == 2
