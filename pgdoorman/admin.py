@@ -65,7 +65,7 @@ _HELP = """
 \tSHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|CLIENTS|SERVERS|USERS|VERSION
 \tSHOW SOCKETS|LISTS|STATE|LOG_LEVEL|CONNECTIONS
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
-\tSHOW PREPARED_STATEMENTS|PREPARED_QUERIES
+\tSHOW PREPARED_STATEMENTS|PREPARED_QUERIES|AUTH_QUERY
 \tSET log_level = 'info'
 \tRELOAD
 \tPAUSE [<db>]
@@ -553,6 +553,12 @@ class AdminConsole:
                              name.decode("ascii", "replace"), stmt.query, servers])
         return Result("SHOW", [("database", "s"), ("user", "s"), ("hash", "s"), ("name", "s"),
                                ("query", "s"), ("servers", "i")], rows)
+
+    def show_auth_query(self) -> Result:
+        """PgDoorman's SHOW AUTH_QUERY: one row per pool with an auth_query."""
+        from pgdoorman.auth import query as _auth_query
+        return Result("SHOW", _auth_query.SHOW_COLUMNS,
+                      [aq.row() for aq in _auth_query.all_queries(self.pools)])
 
     def show_log_level(self) -> Result:
         from pgdoorman import service as _service

@@ -409,10 +409,10 @@ OPTIONS: List[Option] = (
         _r("fallback_lifetime", "duration", None,
            "Overrides general.fallback_lifetime."),
         _r("auth_query", "auth_query", None,
-           "Look up passwords of users not listed in users with a query.",
-           implemented=False),
+           "Look up passwords of users not listed in users with a query."),
         _r("users", "user_list", [],
-           "The users that may connect to this pool; at least one."),
+           "The users that may connect to this pool; at least one, unless "
+           "the pool has an auth_query."),
     )
     + _opts(
         "user",
@@ -432,11 +432,12 @@ OPTIONS: List[Option] = (
         _r("server_lifetime", "duration", None,
            "Overrides the pool's server_lifetime."),
         _r("server_username", "str", None,
-           "User name for PostgreSQL; defaults to username. Set it with "
-           "server_password when password is a hash."),
+           "User name for PostgreSQL; defaults to username. Without "
+           "server_password it logs in by trust, with the md5 hash in "
+           "password, or with the client's SCRAM keys."),
         _r("server_password", "str", None,
-           "Plaintext password for PostgreSQL; needed when password is an "
-           "md5 or SCRAM hash."),
+           "Plaintext password for PostgreSQL; needed when password is a "
+           "hash that PostgreSQL does not accept for server_username."),
         _r("auth_pam_service", "str", None,
            "Authenticate this user with this PAM service (the client sends "
            "a cleartext password; use TLS)."),
@@ -444,13 +445,17 @@ OPTIONS: List[Option] = (
     + _opts(
         "auth_query",
         _r("query", "str", None,
-           "Query returning (username, password hash); $1 is the user name.",
+           "Query returning the md5 or SCRAM secret in a column named "
+           "passwd or password (else the last column); $1 is the user name.",
            required=True),
         _r("user", "str", None, "PostgreSQL user that runs the query.",
            required=True),
-        _r("password", "str", "", "Plaintext password of 'user'."),
+        _r("password", "str", "",
+           "Password of 'user': plaintext, or its md5 hash when PostgreSQL "
+           "asks for md5."),
         _r("database", "str", None,
-           "Database to run the query in; defaults to the pool's name."),
+           "Database to run the query in; defaults to the pool's "
+           "server_database."),
         _r("workers", "int", 2, "Connections that run auth queries.",
            minimum=1),
         _r("server_user", "str", None,
@@ -467,7 +472,6 @@ OPTIONS: List[Option] = (
            "How long 'user not found' is cached."),
         _r("min_interval", "duration", "1s",
            "Minimum interval between re-fetches for the same user."),
-        implemented=False,
     )
     + _opts(
         # PgDoorman's exporter is a top-level `prometheus` table
@@ -894,7 +898,8 @@ class UserConfig:
 @dataclass
 class AuthQueryConfig:
     """
-    C{pools.<name>.auth_query}: accepted and checked, not implemented yet.
+    C{pools.<name>.auth_query}: how users not listed in C{users} are looked
+    up in PostgreSQL (L{pgdoorman.auth.query}).
     """
 
     query: str
@@ -909,6 +914,18 @@ class AuthQueryConfig:
     cache_ttl: float
     cache_failure_ttl: float
     min_interval: float
+
+    def dynamic_user(self, username: str) -> "UserConfig":
+        """
+        The user entry a looked-up user gets: passthrough (no server_user)
+        logs in to PostgreSQL as the user itself, dedicated mode as
+        server_user.  The password is not here: it is the looked-up secret.
+        """
+        return UserConfig(
+            username=username, password=None, pool_size=self.pool_size,
+            min_pool_size=self.min_pool_size, pool_mode=None,
+            server_lifetime=None, server_username=self.server_user,
+            server_password=self.server_password, auth_pam_service=None)
 
 
 @dataclass
@@ -1046,6 +1063,8 @@ class Config:
         """
         pool = self.pools[pool_name]
         user = pool.user(username)
+        if user is None and pool.auth_query is not None:
+            user = pool.auth_query.dynamic_user(username)
         if user is None:
             raise KeyError("no user %r in pool %r" % (username, pool_name))
         general = self.general
@@ -1391,14 +1410,10 @@ class _Builder:
                              "min_pool_size (%d) cannot be larger than "
                              "pool_size (%d)" % (values["min_pool_size"],
                                                  values["pool_size"]))
-        if (values["server_username"] is None) != \
-                (values["server_password"] is None):
-            missing = ("server_password"
-                       if values["server_password"] is None
-                       else "server_username")
-            raise self.error(key_path + (missing,), "server_username and "
-                             "server_password must be set together (as in "
-                             "PgDoorman); %r is missing" % (missing,))
+        # server_username alone is valid (PgDoorman 3.10): the forced user
+        # logs in by trust, with the md5 hash, or with the ClientKey of the
+        # client's own SCRAM login; server_password alone logs in as
+        # username with it.
         return UserConfig(**values)
 
     def pool(self, name: Any, data: Any) -> PoolConfig:

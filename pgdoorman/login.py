@@ -26,6 +26,7 @@ from pgdoorman.auth import hba as _hba
 from pgdoorman.auth import jwt as _jwt
 from pgdoorman.auth import md5 as _md5
 from pgdoorman.auth import pam as _pam
+from pgdoorman.auth import query as _auth_query
 from pgdoorman.auth import scram as _scram
 from pgdoorman.protocol import errors, messages
 from pgdoorman.protocol.framing import FramingError, MessageBuffer
@@ -180,6 +181,10 @@ class Startup:
                              "no pool of that name in the config")
                 return
             ucfg = pcfg.user(user)
+            if ucfg is None and pcfg.auth_query is not None:
+                # Not listed: the pool's auth_query looks the user up, then authenticates.
+                client.enter(_auth_query.LookingUp(client, pcfg, user, rule, rest))
+                return
             if ucfg is None:
                 client.fatal(_failed(user), 'no user "%s" in pool "%s"' % (user, database))
                 return
@@ -232,8 +237,11 @@ class Authentication:
 
     log = Logger()
 
-    def __init__(self, client, rule, password: Optional[str], pam_service: Optional[str]):
+    def __init__(self, client, rule, password: Optional[str], pam_service: Optional[str],
+                 outcome=None):
         self.client = client
+        #: told None on success or the error on failure (auth_query's counters).
+        self._outcome = outcome
         self._messages = MessageBuffer(MAX_AUTH_MESSAGE)
         #: (method, state, step) of the exchange under way; ("waiting", ...) during PAM.
         self._auth = None
@@ -241,9 +249,16 @@ class Authentication:
         self._feeding = False
         self._start(rule, password, pam_service)
 
+    def _fatal(self, err: errors.PgError, why: Optional[str] = None) -> None:
+        if self._outcome is not None and not self.client.closed:
+            self._outcome(err)
+        self.client.fatal(err, why)
+
     def _succeed(self, scram_client_key: Optional[bytes] = None) -> None:
         self._done = True
         client = self.client
+        if self._outcome is not None:
+            self._outcome(None)
         client.authenticated(scram_client_key)
         if not self._feeding:
             self._handOn()
@@ -268,13 +283,13 @@ class Authentication:
             if name is not None and name == user:
                 self._succeed()
             else:
-                client.fatal(errors.PgError(
+                self._fatal(errors.PgError(
                     errors.INVALID_AUTHORIZATION,
                     'certificate authentication failed for user "%s"' % user),
                     "client certificate CN %r" % (name,))
             return
         if method != _hba.ANY and method not in _hba.SUPPORTED:
-            client.fatal(errors.PgError(
+            self._fatal(errors.PgError(
                 errors.INVALID_AUTHORIZATION,
                 'authentication method "%s" is not supported by pgdoorman' % method),
                 "pg_hba line %d" % rule.lineno)
@@ -290,14 +305,14 @@ class Authentication:
             if method == _hba.ANY:
                 self._succeed()
             else:
-                client.fatal(failed, "pg_hba asks for %s and the user has no password" % method)
+                self._fatal(failed, "pg_hba asks for %s and the user has no password" % method)
             return
         if _jwt.is_jwt_password(password):
             self._auth = ("jwt", password, 0)
             write(messages.authentication(messages.AUTH_CLEARTEXT))
             return
         if method == "jwt":
-            client.fatal(failed, "pg_hba asks for jwt and the user's password is not "
+            self._fatal(failed, "pg_hba asks for jwt and the user's password is not "
                                  "jwt-pkey-fpath:")
             return
         if method == "password":
@@ -306,7 +321,7 @@ class Authentication:
             return
         if _md5.is_md5_hash(password):
             if method == "scram-sha-256":
-                client.fatal(failed, "pg_hba asks for scram-sha-256 and the user's password "
+                self._fatal(failed, "pg_hba asks for scram-sha-256 and the user's password "
                                      "is an md5 hash")
                 return
             salt = os.urandom(4)
@@ -316,7 +331,7 @@ class Authentication:
         try:
             server = _scram.ScramServer(scram_secret(password), user=user)
         except ValueError as e:
-            client.fatal(failed, "bad secret in config: %s" % e)
+            self._fatal(failed, "bad secret in config: %s" % e)
             return
         self._auth = ("scram", server, 0)
         write(messages.authentication_sasl([_scram.MECHANISM]))
@@ -326,7 +341,7 @@ class Authentication:
         try:
             msgs = self._messages.feed(data)
         except FramingError as e:
-            client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
                                         "authentication message too long"
                                         if "too long" in str(e) else str(e)))
             return
@@ -340,7 +355,7 @@ class Authentication:
                 if client.closed:
                     return
                 if code != messages.PASSWORD:
-                    client.fatal(errors.PgError(
+                    self._fatal(errors.PgError(
                         errors.PROTOCOL_VIOLATION,
                         "expected password response, got message type %r" % chr(code)))
                     return
@@ -353,7 +368,7 @@ class Authentication:
     def _message(self, payload: bytes) -> None:
         client = self.client
         if self._auth is None:
-            client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
                                         "unexpected password response"))
             return
         kind, state, step = self._auth
@@ -363,7 +378,7 @@ class Authentication:
             if _md5.md5_verify(state, user, step, payload):
                 self._succeed()
             else:
-                client.fatal(failed, "wrong password (md5)")
+                self._fatal(failed, "wrong password (md5)")
             return
         if kind in ("password", "jwt", "pam"):
             self._cleartext(kind, state, payload, failed)
@@ -372,7 +387,7 @@ class Authentication:
             if step == 0:
                 mechanism, first = messages.parse_sasl_initial_response(payload)
                 if mechanism != _scram.MECHANISM:
-                    client.fatal(errors.PgError(
+                    self._fatal(errors.PgError(
                         errors.PROTOCOL_VIOLATION,
                         "client selected an invalid SASL authentication mechanism"))
                     return
@@ -384,9 +399,9 @@ class Authentication:
                 client.transport.write(messages.authentication_sasl_final(final))
                 self._succeed(state.client_key)
         except _scram.AuthFailed:
-            client.fatal(failed, "wrong password (scram)")
+            self._fatal(failed, "wrong password (scram)")
         except (_scram.ScramError, ValueError) as e:
-            client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
                                         getattr(e, "message", str(e))))
 
     def _cleartext(self, kind: str, state: str, payload: bytes,
@@ -395,29 +410,29 @@ class Authentication:
         client = self.client
         user = client.session.user
         if not payload.endswith(b"\x00") or b"\x00" in payload[:-1]:
-            client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION, "invalid password packet"))
+            self._fatal(errors.PgError(errors.PROTOCOL_VIOLATION, "invalid password packet"))
             return
         try:
             given = payload[:-1].decode("utf-8")
         except UnicodeDecodeError:
-            client.fatal(failed, "password is not UTF-8 (%s)" % kind)
+            self._fatal(failed, "password is not UTF-8 (%s)" % kind)
             return
         if not given:
-            client.fatal(failed, "empty password (%s)" % kind)
+            self._fatal(failed, "empty password (%s)" % kind)
             return
         if kind == "jwt":
             why = _jwt.verify(state, user, given)
             if why is None:
                 self._succeed()
             else:
-                client.fatal(failed, "JWT rejected: %s" % why)
+                self._fatal(failed, "JWT rejected: %s" % why)
             return
         if kind == "password":
             ok, client_key = _hba.password_matches(state, user, given)
             if ok:
                 self._succeed(client_key)
             else:
-                client.fatal(failed, "wrong password (password)")
+                self._fatal(failed, "wrong password (password)")
             return
         self._auth = ("waiting", None, 0)
 
@@ -427,12 +442,12 @@ class Authentication:
             ok, reason = result
             self._auth = None
             if not ok:
-                client.fatal(failed, "PAM service %r refused: %s" % (state, reason))
+                self._fatal(failed, "PAM service %r refused: %s" % (state, reason))
                 return
             self._succeed()
 
         def broken(failure):
-            client.fatal(failed, "PAM error: %s" % failure.getErrorMessage())
+            self._fatal(failed, "PAM error: %s" % failure.getErrorMessage())
 
         _pam.authenticate_deferred(state, user, given).addCallbacks(checked, broken)
 

@@ -193,9 +193,44 @@ class PoolCollector:
                                 value=1 if self.pools.paused_all else 0)
         yield CounterMetricFamily("pg_doorman_reloads", "Configuration reloads applied",
                                   value=self.pools.reloads)
+        yield from _auth_query_families(self.pools)
         info = GaugeMetricFamily("pg_doorman_info", "pgdoorman version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+def _auth_query_families(pools) -> Iterator:
+    """PgDoorman's auth_query families (gauges by type/result and database), when configured."""
+    from pgdoorman.auth import query as _auth_query
+    queries = _auth_query.all_queries(pools)
+    if not queries:
+        return
+    cache = GaugeMetricFamily("pg_doorman_auth_query_cache",
+                              "Auth query cache metrics by type and database",
+                              labels=["type", "database"])
+    auth = GaugeMetricFamily("pg_doorman_auth_query_auth",
+                             "Auth query authentication outcomes by result and database",
+                             labels=["result", "database"])
+    executor = GaugeMetricFamily("pg_doorman_auth_query_executor",
+                                 "Auth query executor metrics by type and database",
+                                 labels=["type", "database"])
+    dynamic = GaugeMetricFamily("pg_doorman_auth_query_dynamic_pools",
+                                "Auth query dynamic pool metrics by type and database",
+                                labels=["type", "database"])
+    for aq in queries:
+        db = aq.pool_name
+        for kind, value in (("entries", len(aq.entries)), ("hits", aq.cache_hits),
+                            ("misses", aq.cache_misses), ("refetches", aq.cache_refetches),
+                            ("rate_limited", aq.rate_limited)):
+            cache.add_metric([kind, db], value)
+        auth.add_metric(["success", db], aq.auth_success)
+        auth.add_metric(["failure", db], aq.auth_failure)
+        executor.add_metric(["queries", db], aq.executor_queries)
+        executor.add_metric(["errors", db], aq.executor_errors)
+        for kind, value in (("current", aq.dynamic_pools()), ("created", aq.pools_created),
+                            ("destroyed", aq.pools_destroyed)):
+            dynamic.add_metric([kind, db], value)
+    yield from (cache, auth, executor, dynamic)
 
 
 def _rss() -> int:

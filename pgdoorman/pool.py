@@ -24,6 +24,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgdoorman.auth import query as _auth_query
 from pgdoorman.fallback import Fallback
 from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
@@ -399,7 +400,10 @@ class PoolService(service.Service):
         pool = self.pools.get((database, user))
         if pool is None:
             pcfg = self.config.pools.get(database)
-            if pcfg is None or pcfg.user(user) is None:
+            if pcfg is not None and pcfg.user(user) is None:
+                # Users looked up by the pool's auth_query (pgdoorman.auth.query).
+                return _auth_query.dynamic_pool(self, pcfg, user)
+            if pcfg is None:
                 return None
             pool = self.pools[(database, user)] = Pool(
                 self, database, user, self.config.pool_settings(database, user))

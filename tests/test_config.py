@@ -461,12 +461,16 @@ class TestErrors:
         e = error_of(text)
         assert (e.key, e.line) == ("pools.mydb.users[0].min_pool_size", 16)
 
-    def test_server_credentials_together(self):
+    def test_server_username_alone(self):
+        # PgDoorman 3.10: the forced user logs in by trust, with the md5 hash or with the
+        # client's SCRAM keys; no server_password needed.
         text = SEED_YAML.replace(
             '        server_password: "secret"    # real PostgreSQL '
-            'password (plaintext)\n', "")
-        e = error_of(text)
-        assert e.key == "pools.mydb.users[0].server_password"
+            'password (plaintext)\n', "").replace('"md5..."', '"%s"' % MD5)
+        user = loads(text).pools["mydb"].users[0]
+        assert (user.server_username, user.server_password) == ("app", None)
+        s = loads(text).pool_settings("mydb", "app")
+        assert s.server_username == "app" and s.server_password is None
 
     def test_duplicate_user(self):
         text = SEED_YAML + '      - username: "app"\n        password: x\n'
@@ -656,10 +660,6 @@ pools:
             "general.tokio_event_interval",
             "general.max_memory_usage",
             "pools.db.max_db_connections",
-            "pools.db.auth_query",
-            "pools.db.auth_query.query",
-            "pools.db.auth_query.user",
-            "pools.db.auth_query.cache_ttl",
         ]
         assert cfg.general.worker_threads == 8
         assert cfg.prometheus.enabled is True and cfg.prometheus.port == 9128
@@ -676,6 +676,20 @@ pools:
         text = ("general: {admin_password: x}\n"
                 "pools:\n  db:\n    auth_query: {query: q, user: a}\n")
         assert loads(text).pools["db"].users == []
+
+    def test_auth_query_user_settings(self):
+        # A looked-up user: passthrough logs in as itself, dedicated mode as server_user.
+        text = ("general: {admin_password: x}\n"
+                "pools:\n  db:\n    auth_query: {query: q, user: a, pool_size: 7,"
+                " min_pool_size: 1}\n")
+        s = loads(text).pool_settings("db", "alice")
+        assert (s.username, s.server_username, s.server_password, s.pool_size,
+                s.min_pool_size) == ("alice", "alice", None, 7, 1)
+        text = text.replace("min_pool_size: 1", "server_user: app, server_password: pw")
+        s = loads(text).pool_settings("db", "alice")
+        assert (s.server_username, s.server_password) == ("app", "pw")
+        with pytest.raises(KeyError):
+            loads(MINIMAL).pool_settings("db", "alice")
 
 
 @pytest.mark.parametrize("secret, kind", [
