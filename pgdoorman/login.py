@@ -183,14 +183,18 @@ class Startup:
             ucfg = pcfg.user(user)
             if ucfg is None and pcfg.auth_query is not None:
                 # Not listed: the pool's auth_query looks the user up, then authenticates.
-                client.enter(_auth_query.LookingUp(client, pcfg, user, rule, rest))
+                lookup = _auth_query.LookingUp(client, pcfg, user, rule, rest)
+                client.enter(lookup)
+                lookup.start()
                 return
             if ucfg is None:
                 client.fatal(_failed(user), 'no user "%s" in pool "%s"' % (user, database))
                 return
             password, pam_service = ucfg.password, ucfg.auth_pam_service
-        client.enter(Authentication(client, rule, password, pam_service))
-        if rest:
+        auth = Authentication(client, rule, password, pam_service)
+        client.enter(auth)
+        auth.start()
+        if rest and not client.closed:
             client.dataReceived(rest)
 
     def _accessRule(self, user: str, database: str):
@@ -247,7 +251,11 @@ class Authentication:
         self._auth = None
         self._done = False
         self._feeding = False
-        self._start(rule, password, pam_service)
+        self._credentials = (rule, password, pam_service)
+
+    def start(self) -> None:
+        """Once this is the client's phase: ask for the credential (or let it in)."""
+        self._start(*self._credentials)
 
     def _fatal(self, err: errors.PgError, why: Optional[str] = None) -> None:
         if self._outcome is not None and not self.client.closed:

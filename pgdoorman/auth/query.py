@@ -476,9 +476,12 @@ class LookingUp:
         self.client = client
         self._held = [rest] if rest else []
         self.dataReceived = self._held.append
-        aq = self._aq = for_pool(client.service, pcfg)
+        self._aq = for_pool(client.service, pcfg)
         self._pcfg, self._user, self._rule = pcfg, user, rule
-        aq.lookup(user).addCallbacks(self._found, self._broken)
+
+    def start(self) -> None:
+        """Once this is the client's phase: the answer may be in the cache already."""
+        self._aq.lookup(self._user).addCallbacks(self._found, self._broken)
 
     def _found(self, secret) -> None:
         from pgdoorman.login import Authentication
@@ -498,7 +501,9 @@ class LookingUp:
             elif err.sqlstate == errors.INVALID_PASSWORD:
                 aq.login_failed(user)  # a wrong password: perhaps PostgreSQL has a new one
 
-        client.enter(Authentication(client, self._rule, secret, None, outcome))
+        auth = Authentication(client, self._rule, secret, None, outcome)
+        client.enter(auth)
+        auth.start()
         data = b"".join(self._held)
         if data and not client.closed:
             client.dataReceived(data)
