@@ -24,6 +24,8 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgdoorman import idlecheck
+from pgdoorman.coordinator import Coordinator, CoordinatorSettings
 from pgdoorman.fallback import Fallback
 from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
@@ -92,6 +94,11 @@ class Pool:
         self.older = self.newer = Snapshot()
         #: Patroni-assisted fallback (pgdoorman.fallback), idle unless patroni_api_urls is set.
         self.fallback = Fallback(self)
+        #: the database's L{Coordinator} when it sets max_db_connections (PoolService sets it).
+        self.coordinator: Optional[Coordinator] = None
+        #: servers being checked before a checkout (server_idle_check_timeout, sv_tested).
+        self.testing: set = set()
+        self.idle_check = service.config.general.server_idle_check_timeout
 
     # -- clients asking for and giving back servers -----------------------------------------
 
@@ -100,6 +107,12 @@ class Pool:
         now = _monotonic()
         if self.idle and not self.waiting and not self.paused:
             server = self.idle.popleft() if self.settings.server_round_robin else self.idle.pop()
+            if self.idle_check and now - server.last_used > self.idle_check:
+                # Idle long enough to be dead: the client waits for the check (idlecheck).
+                client.wait_started = now
+                self.waiting.append(client)
+                idlecheck.check(self, server)
+                return
             server.client = client
             server.assigned_at = now
             st = self.stats
@@ -150,6 +163,8 @@ class Pool:
             return
         server.last_used = now
         self.idle.append(server)
+        if self.coordinator is not None and self.coordinator.blocked:
+            self.coordinator.returned(self)
         if self.paused:
             self.service.pause_progress()
 
@@ -172,9 +187,12 @@ class Pool:
     def _grow(self) -> None:
         """Open connections for waiting clients, never beyond pool_size."""
         limit = self.service.config.general.max_concurrent_creates or self.settings.pool_size
+        coordinator = self.coordinator
         while (len(self.waiting) > self.connecting
                and len(self.servers) + self.connecting < self.settings.pool_size
                and self.connecting < limit):
+            if coordinator is not None and not coordinator.acquire(self):
+                break  # max_db_connections: the coordinator wakes us (pgdoorman.coordinator)
             self._connect()
 
     def _connect(self) -> defer.Deferred:
@@ -200,6 +218,8 @@ class Pool:
 
     def _connectFailed(self, failure) -> None:
         self.connecting -= 1
+        if self.coordinator is not None:
+            self.coordinator.released()
         self.stats.server_connect_errors += 1
         err = failure.value
         if not isinstance(err, errors.PgError):
@@ -222,6 +242,8 @@ class Pool:
         except ValueError:
             pass
         self._retire(server)
+        if self.coordinator is not None:
+            self.coordinator.dropping(server)
         server.close()
 
     def _retire(self, server) -> None:
@@ -235,6 +257,8 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
+        if self.coordinator is not None:
+            self.coordinator.lost(server)
         if self.paused:
             self.service.pause_progress()
         self._grow()
@@ -280,7 +304,10 @@ class Pool:
                 if (s.idle_timeout and now - server.last_used > s.idle_timeout) or \
                         (s.server_lifetime and now - server.created > s.server_lifetime):
                     self._drop(server)
+        coordinator = self.coordinator
         while len(self.servers) + self.connecting < keep:
+            if coordinator is not None and not coordinator.try_acquire(self):
+                break  # min_pool_size never takes the database's last slots from clients
             self._connect().addErrback(lambda f: None)
 
     def close_idle(self) -> None:
@@ -310,8 +337,9 @@ class Pool:
         self._grow()
 
     def counts(self) -> Tuple[int, int, int]:
-        """(active servers, idle servers, waiting clients)."""
-        return len(self.servers) - len(self.idle), len(self.idle), len(self.waiting)
+        """(active servers, idle servers, waiting clients); servers being tested are neither."""
+        return (len(self.servers) - len(self.idle) - len(self.testing), len(self.idle),
+                len(self.waiting))
 
     def active_servers(self) -> int:
         return len(self.servers) - len(self.idle)
@@ -386,6 +414,8 @@ class PoolService(service.Service):
         self.started = time.time()
         self.reloads = 0
         self._ids = 0
+        #: one L{Coordinator} per database that sets max_db_connections.
+        self.coordinators: Dict[str, Coordinator] = {}
         self._janitor = task.LoopingCall(self._tick)
         self._stats = task.LoopingCall(self._rollStats)
         self._stats_stamp = (_monotonic() - 1.0, _monotonic())
@@ -403,7 +433,35 @@ class PoolService(service.Service):
             pool = self.pools[(database, user)] = Pool(
                 self, database, user, self.config.pool_settings(database, user))
             pool.paused = self.paused_all or database in self.paused_databases
+            coordinator = self.coordinators.get(database)
+            if coordinator is not None:
+                pool.coordinator = coordinator
+                coordinator.join(pool)
         return pool
+
+    def _coordinate(self) -> None:
+        """
+        Give each database that sets max_db_connections its L{Coordinator} (kept across
+        reloads, so its counters and in-flight closes survive) and every pool its own.
+        """
+        by_db = self.pools_by_database()
+        check = self.config.general.server_idle_check_timeout
+        for name in set(self.coordinators) | set(by_db) | set(self.config.pools):
+            pcfg = self.config.pools.get(name)
+            settings = CoordinatorSettings.from_pool_config(pcfg) if pcfg is not None else None
+            coordinator = self.coordinators.get(name)
+            if settings is None:
+                self.coordinators.pop(name, None)
+                coordinator = None
+            elif coordinator is None:
+                coordinator = self.coordinators[name] = Coordinator(name, settings)
+            for pool in by_db.get(name, []):
+                pool.idle_check = check
+                pool.coordinator = coordinator
+                if coordinator is not None:
+                    coordinator.join(pool)
+            if coordinator is not None and coordinator.settings != settings:
+                coordinator.configure(settings)
 
     def all_pools(self) -> List[Pool]:
         """Every pool, live ones first, then the draining ones."""
@@ -508,6 +566,7 @@ class PoolService(service.Service):
         for db in list(self.paused_databases):
             if db not in config.pools:
                 self.paused_databases.discard(db)
+        self._coordinate()
         self._ensureMinPools()
         self.reloads += 1
         self.pause_progress()
@@ -640,6 +699,7 @@ class PoolService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
+        self._coordinate()
         self._ensureMinPools()
         self._janitor.start(JANITOR_INTERVAL, now=True)
         self._stats.start(STATS_PERIOD, now=False)
@@ -662,6 +722,17 @@ class PoolService(service.Service):
             except Exception:
                 self.log.failure("janitor failed for pool {db}/{user}", db=pool.database,
                                  user=pool.user)
+        if self.coordinators:
+            live = set(self.all_pools())
+            for coordinator in self.coordinators.values():
+                for pool in list(coordinator.members):
+                    if pool not in live and not pool.servers and not pool.connecting:
+                        coordinator.leave(pool)  # a drained pool with nothing left
+                try:
+                    coordinator.tick(now)
+                except Exception:
+                    self.log.failure("coordinator failed for database {db}",
+                                     db=coordinator.database)
 
     def _rollStats(self) -> None:
         """Every STATS_PERIOD: keep the totals of the last two periods for the averages."""
