@@ -173,7 +173,7 @@ class Coordinator:
             return True
         if now is None:
             now = _monotonic()
-        needed = len(pool.waiting) - pool.connecting
+        needed = len(pool.waiting) - pool.connecting - len(getattr(pool, "testing", ()))
         under_way = sum(1 for p in self.evicting.values() if p is pool)
         if under_way < needed and self._evict(pool, now):
             # The slot frees when the evicted server is gone (L{lost}).

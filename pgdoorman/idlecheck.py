@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import reactor as _reactor
 from twisted.logger import Logger
 
 __all__ = ["check"]
@@ -32,7 +31,8 @@ def check(pool, server, reactor=None) -> None:
     Check C{server} (just taken from C{pool}'s idle list; a client waits in C{pool.waiting})
     and give it back to the pool when it answers, or close it when it does not.
     """
-    reactor = reactor or _reactor
+    if reactor is None:
+        from twisted.internet import reactor  # the one running (pgdoorman.reactor's)
     pool.testing.add(server)
     query = pool.service.config.general.pooler_check_query or ";"
     started = time.monotonic()

@@ -188,7 +188,7 @@ class Pool:
         """Open connections for waiting clients, never beyond pool_size."""
         limit = self.service.config.general.max_concurrent_creates or self.settings.pool_size
         coordinator = self.coordinator
-        while (len(self.waiting) > self.connecting
+        while (len(self.waiting) > self.connecting + len(self.testing)
                and len(self.servers) + self.connecting < self.settings.pool_size
                and self.connecting < limit):
             if coordinator is not None and not coordinator.acquire(self):
