@@ -174,12 +174,15 @@ class Coordinator:
         if now is None:
             now = _monotonic()
         needed = len(pool.waiting) - pool.connecting - len(getattr(pool, "testing", ()))
+        # Slots about to free: evictions made for this pool, and servers closed for their own
+        # reasons (idle_timeout, server_lifetime, RECONNECT) that nobody has claimed.
         under_way = sum(1 for p in self.evicting.values() if p is pool)
+        under_way += len(self.closing) - len(self.evicting)
         if under_way < needed and self._evict(pool, now):
             # The slot frees when the evicted server is gone (L{lost}).
             self.blocked[pool] = None
             return False
-        if under_way:
+        if under_way > 0:
             self.blocked[pool] = None
             return False
         waited = pool.max_wait_now(now)

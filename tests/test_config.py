@@ -639,6 +639,7 @@ web:
   enabled: true
 pools:
   db:
+    log_client_parameter_status_changes: true
     max_db_connections: 10
     auth_query:
       query: SELECT usename, passwd FROM pg_shadow WHERE usename = $1
@@ -655,7 +656,7 @@ pools:
             "general.worker_threads",
             "general.tokio_event_interval",
             "general.max_memory_usage",
-            "pools.db.max_db_connections",
+            "pools.db.log_client_parameter_status_changes",
             "pools.db.auth_query",
             "pools.db.auth_query.query",
             "pools.db.auth_query.user",

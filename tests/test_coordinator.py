@@ -141,6 +141,19 @@ def test_one_eviction_per_waiting_client(clock):
     assert len(a.dropped) == 2
 
 
+def test_a_server_closing_for_its_own_reasons_is_waited_for_not_evicted_around(clock):
+    coord = make(4)
+    a = FakePool(coord, clock, "a", servers=3, idle=1, created=clock.now - 60)
+    c = FakePool(coord, clock, "c", servers=1, idle=1, created=clock.now - 60)
+    old = a.idle[0]
+    a._drop(old)  # server_lifetime: a closes one of its own; its slot frees in a moment
+    a.wait(1)
+    assert c.dropped == [] and coord.evictions == 0
+    assert a.connecting == 0
+    coord.lost(old)
+    assert a.connecting == 1
+
+
 def test_min_guaranteed_pool_size_is_never_evicted(clock):
     coord = make(4, min_guaranteed_pool_size=3)
     a = FakePool(coord, clock, "a", servers=4, idle=4, created=clock.now - 60)

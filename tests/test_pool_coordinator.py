@@ -6,12 +6,14 @@ through the real pgdoorman process, counted in the real PostgreSQL's pg_stat_act
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 
 import psycopg
 import pytest
+import yaml
 from psycopg.rows import dict_row
 
 from conftest import Background, make_config, pool_entry, user_entry, wait_until
@@ -362,3 +364,43 @@ def test_idle_check_is_not_run_on_recently_used_servers(pg, pgdoorman, new_user)
         assert row["sv_tested"] == 0 and row["sv_idle"] == 1
     finally:
         proxy.close()
+
+
+# -- reload --------------------------------------------------------------------------------
+
+def reload(d, config):
+    """Write C{config} over the running process's file and RELOAD from the admin console."""
+    config = dict(config)
+    config["general"] = dict(config["general"], host="127.0.0.1", port=d.port)
+    with open(d.config_path + ".tmp", "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    os.replace(d.config_path + ".tmp", d.config_path)
+    with psycopg.connect(d.dsn(ADMIN[0], "pgdoorman", ADMIN[1]), autocommit=True) as conn:
+        conn.execute("RELOAD")
+
+
+def test_reload_raises_max_db_connections_for_a_waiting_client(pg, pgdoorman, new_user):
+    (a, apw), (b, bpw) = new_user(), new_user()
+    users = [(a, apw, 2), (b, bpw, 2)]
+    general = {"query_wait_timeout": "30s"}
+    d = pgdoorman(coord_config(pg, users, general, max_db_connections=1,
+                               reserve_pool_timeout="30s"))
+    held = hold(d, a, apw)
+    try:
+        job = Background(hold, d, b, bpw)
+        time.sleep(0.5)
+        assert not job.done() and pg.count_backends(b) == 0
+        reload(d, coord_config(pg, users, general, max_db_connections=2,
+                               reserve_pool_timeout="30s"))
+        conn = job.result(10)
+        assert job.elapsed < 5
+        assert count(pg, a, b) == 2
+        assert coordinator_row(d)["max_db_conn"] == 2
+        conn.rollback()
+        conn.close()
+        # And off again: no coordinator, no SHOW POOL_COORDINATOR row.
+        reload(d, coord_config(pg, users, general))
+        assert admin_show(d, "POOL_COORDINATOR") == []
+    finally:
+        held.rollback()
+        held.close()
