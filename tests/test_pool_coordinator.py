@@ -16,7 +16,8 @@ import pytest
 import yaml
 from psycopg.rows import dict_row
 
-from conftest import Background, make_config, pool_entry, user_entry, wait_until
+from conftest import Background, free_port, make_config, pool_entry, user_entry, wait_until
+from test_metrics import scrape, value
 
 ADMIN = ("admin", "admin")
 
@@ -124,8 +125,11 @@ def test_two_users_under_load_never_exceed_max_db_connections(pg, pgdoorman, new
 
 def test_idle_server_of_another_user_is_evicted_for_a_waiting_client(pg, pgdoorman, new_user):
     (a, apw), (b, bpw) = new_user(), new_user()
-    d = pgdoorman(coord_config(pg, [(a, apw, 2), (b, bpw, 2)], max_db_connections=2,
-                               min_connection_lifetime=0))
+    config = coord_config(pg, [(a, apw, 2), (b, bpw, 2)], max_db_connections=2,
+                          min_connection_lifetime=0)
+    metrics_port = free_port()
+    config["prometheus"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
+    d = pgdoorman(config)
     open_idle(d, a, apw, 2)
     assert pg.count_backends(a) == 2
     started = time.monotonic()
@@ -137,6 +141,14 @@ def test_idle_server_of_another_user_is_evicted_for_a_waiting_client(pg, pgdoorm
     assert pg.count_backends(b) == 1
     row = coordinator_row(d)
     assert (row["evictions"], row["current"], row["reserve_used"]) == (1, 2, 0)
+    _, text = scrape(metrics_port)
+    assert value(text, "pg_doorman_pool_coordinator_total", database="db1",
+                 type="evictions") == 1
+    assert value(text, "pg_doorman_pool_coordinator", database="db1", type="connections") == 2
+    assert value(text, "pg_doorman_pool_coordinator", database="db1",
+                 type="max_connections") == 2
+    assert value(text, "pg_doorman_pool_coordinator", database="db1",
+                 type="reserve_in_use") == 0
 
 
 def test_young_servers_are_not_evicted_and_the_client_is_told_why(pg, pgdoorman, new_user):
