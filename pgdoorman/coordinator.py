@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from pgdoorman.protocol import errors
 
-__all__ = ["Coordinator", "CoordinatorSettings"]
+__all__ = ["Coordinator", "CoordinatorSettings", "attach", "config_warnings", "tick_all"]
 
 #: A closed server that never reported its end is forgotten after this long (a safety net:
 #: the cap must not shrink for good because one connectionLost went missing).
@@ -335,6 +335,46 @@ class Coordinator:
                 "reserve_size": s.reserve_pool_size, "reserve_used": self.reserve_in_use(),
                 "evictions": self.evictions, "reserve_acq": self.reserve_acquisitions,
                 "exhaustions": self.exhaustions}
+
+
+def attach(service) -> None:
+    """
+    Give each database of C{service} (a L{pgdoorman.pool.PoolService}) that sets
+    max_db_connections its L{Coordinator}, in C{service.coordinators}, and every pool of it
+    the same one; at start and after a reload.  A coordinator is kept across reloads, so its
+    counters and the closes in flight survive; a database that drops the key loses it.
+    """
+    by_db = service.pools_by_database()
+    config = service.config
+    for name in set(service.coordinators) | set(by_db) | set(config.pools):
+        pcfg = config.pools.get(name)
+        settings = CoordinatorSettings.from_pool_config(pcfg) if pcfg is not None else None
+        coordinator = service.coordinators.get(name)
+        if settings is None:
+            service.coordinators.pop(name, None)
+            coordinator = None
+        elif coordinator is None:
+            coordinator = service.coordinators[name] = Coordinator(name, settings)
+        for pool in by_db.get(name, []):
+            pool.coordinator = coordinator
+            if coordinator is not None:
+                coordinator.join(pool)
+        if coordinator is not None and coordinator.settings != settings:
+            coordinator.configure(settings)
+
+
+def tick_all(service, now: float) -> None:
+    """The janitor's beat for every coordinator of C{service}; drained pools leave."""
+    live = set(service.all_pools())
+    for coordinator in list(service.coordinators.values()):
+        for pool in list(coordinator.members):
+            if pool not in live and not pool.servers and not pool.connecting:
+                coordinator.leave(pool)  # a drained pool with nothing left
+        try:
+            coordinator.tick(now)
+        except Exception:
+            Coordinator.log.failure("coordinator failed for database {db}",
+                                    db=coordinator.database)
 
 
 def config_warnings(config) -> List[tuple]:

@@ -25,7 +25,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pgdoorman import idlecheck
-from pgdoorman.coordinator import Coordinator, CoordinatorSettings
+from pgdoorman import coordinator as _coordinator
+from pgdoorman.coordinator import Coordinator
 from pgdoorman.fallback import Fallback
 from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
@@ -439,30 +440,6 @@ class PoolService(service.Service):
                 coordinator.join(pool)
         return pool
 
-    def _coordinate(self) -> None:
-        """
-        Give each database that sets max_db_connections its L{Coordinator} (kept across
-        reloads, so its counters and in-flight closes survive) and every pool its own.
-        """
-        by_db = self.pools_by_database()
-        check = self.config.general.server_idle_check_timeout
-        for name in set(self.coordinators) | set(by_db) | set(self.config.pools):
-            pcfg = self.config.pools.get(name)
-            settings = CoordinatorSettings.from_pool_config(pcfg) if pcfg is not None else None
-            coordinator = self.coordinators.get(name)
-            if settings is None:
-                self.coordinators.pop(name, None)
-                coordinator = None
-            elif coordinator is None:
-                coordinator = self.coordinators[name] = Coordinator(name, settings)
-            for pool in by_db.get(name, []):
-                pool.idle_check = check
-                pool.coordinator = coordinator
-                if coordinator is not None:
-                    coordinator.join(pool)
-            if coordinator is not None and coordinator.settings != settings:
-                coordinator.configure(settings)
-
     def all_pools(self) -> List[Pool]:
         """Every pool, live ones first, then the draining ones."""
         return list(self.pools.values()) + list(self.draining)
@@ -566,7 +543,9 @@ class PoolService(service.Service):
         for db in list(self.paused_databases):
             if db not in config.pools:
                 self.paused_databases.discard(db)
-        self._coordinate()
+        for pool in self.all_pools():
+            pool.idle_check = config.general.server_idle_check_timeout
+        _coordinator.attach(self)
         self._ensureMinPools()
         self.reloads += 1
         self.pause_progress()
@@ -699,7 +678,7 @@ class PoolService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        self._coordinate()
+        _coordinator.attach(self)
         self._ensureMinPools()
         self._janitor.start(JANITOR_INTERVAL, now=True)
         self._stats.start(STATS_PERIOD, now=False)
@@ -723,16 +702,7 @@ class PoolService(service.Service):
                 self.log.failure("janitor failed for pool {db}/{user}", db=pool.database,
                                  user=pool.user)
         if self.coordinators:
-            live = set(self.all_pools())
-            for coordinator in self.coordinators.values():
-                for pool in list(coordinator.members):
-                    if pool not in live and not pool.servers and not pool.connecting:
-                        coordinator.leave(pool)  # a drained pool with nothing left
-                try:
-                    coordinator.tick(now)
-                except Exception:
-                    self.log.failure("coordinator failed for database {db}",
-                                     db=coordinator.database)
+            _coordinator.tick_all(self, now)
 
     def _rollStats(self) -> None:
         """Every STATS_PERIOD: keep the totals of the last two periods for the averages."""

@@ -380,3 +380,22 @@ def test_warnings_for_settings_that_do_nothing(capsys):
     err = capsys.readouterr().err
     assert "not implemented" not in err
     assert "exceed max_db_connections (1)" in err
+
+
+def test_the_pool_service_gives_each_capped_database_one_coordinator():
+    from pgdoorman.coordinator import attach
+    from pgdoorman.pool import PoolService
+
+    capped = conf("    max_db_connections: 4")
+    service = PoolService(capped)
+    attach(service)
+    a, b = service.get_pool("db", "a"), service.get_pool("db", "b")
+    coord = service.coordinators["db"]
+    assert a.coordinator is coord and b.coordinator is coord
+    assert coord.members == [a, b]
+    service.reload(conf("    max_db_connections: 6"))
+    assert service.coordinators["db"] is coord  # kept: counters survive a reload
+    assert coord.settings.max_db_connections == 6
+    service.reload(conf())
+    assert service.coordinators == {}
+    assert a.coordinator is None and b.coordinator is None
