@@ -67,7 +67,8 @@ def check(pool, server, reactor=None) -> None:
                          idle=started - server.last_used)
             if server in pool.servers:  # not heard of yet: make sure it goes
                 pool._drop(server)
-                pool._grow()
+            _serve_waiting(pool)
+            pool._grow()
             return
         if error is not None:
             log.warn("pool {db}/{user}: check query {query!r} failed on server {id}: {error}",
@@ -78,3 +79,17 @@ def check(pool, server, reactor=None) -> None:
     d = server.run_internal(query)
     d.addCallback(done)
     d.addErrback(lambda f: log.failure("idle check failed", f))
+
+
+def _serve_waiting(pool) -> None:
+    """
+    A check failed: the waiting clients it held may be served by the pool's other idle
+    servers (checked too when they are stale) rather than wait for a new connection.
+    """
+    while pool.idle and not pool.paused \
+            and len(pool.waiting) > len(pool.testing) + pool.connecting:
+        server = pool.idle.pop()
+        if pool.idle_check and time.monotonic() - server.last_used > pool.idle_check:
+            check(pool, server)
+        else:
+            pool.checkin(server)  # hands it to the oldest waiting client

@@ -318,8 +318,8 @@ class BlackholeProxy:
             except OSError:
                 return
 
-    def go_silent(self):
-        for link in self.links:
+    def go_silent(self, index=None):
+        for link in self.links if index is None else [self.links[index]]:
             link[2].set()
 
     def close(self):
@@ -354,6 +354,37 @@ def test_idle_check_replaces_a_server_that_went_silent(pg, pgdoorman, new_user):
         assert proxy.connections == 2
         log = d.log()
         assert "did not answer the check query" in log, log
+    finally:
+        proxy.close()
+
+
+def test_after_a_failed_check_another_idle_server_serves_the_client(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    proxy = BlackholeProxy(pg.host, pg.port)
+    try:
+        config = coord_config(pg, [(user, pw, 2)],
+                              general={"server_idle_check_timeout": "500ms",
+                                       "connect_timeout": "1s"})
+        config["pools"]["db1"]["server_host"] = "127.0.0.1"
+        config["pools"]["db1"]["server_port"] = proxy.port
+        d = pgdoorman(config)
+        first, second = hold(d, user, pw), hold(d, user, pw)
+        pids = [c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in (first, second)]
+        assert proxy.connections == 2
+        second.commit()
+        first.commit()  # the first server is now the most recently used: checked out next
+        time.sleep(0.8)
+        proxy.go_silent(0)  # the first server's link
+        job = Background(lambda: first.execute("SELECT pg_backend_pid()").fetchone()[0])
+        got = job.result(15)
+        first.commit()
+        # The silent server failed its check; the other idle one passed its own and served
+        # the client: no new connection was needed.
+        assert got == pids[1]
+        assert proxy.connections == 2
+        assert job.elapsed < 5
+        first.close()
+        second.close()
     finally:
         proxy.close()
 
