@@ -228,9 +228,9 @@ class Coordinator:
             return False
         donor, victim = best
         self.evictions += 1
-        self.log.info("coordinator {db}: closing an idle connection of user {donor} for user "
-                      "{user} (max_db_connections {max})", db=self.database, donor=donor.user,
-                      user=pool.user, max=self.settings.max_db_connections)
+        self.log.debug("coordinator {db}: closing an idle connection of user {donor} for user "
+                       "{user} (max_db_connections {max})", db=self.database, donor=donor.user,
+                       user=pool.user, max=self.settings.max_db_connections)
         self.evicting[victim] = pool
         donor._drop(victim)
         if victim not in self.closing:  # the donor's hook did not see it: count it here

@@ -347,6 +347,10 @@ def test_idle_check_replaces_a_server_that_went_silent(pg, pgdoorman, new_user):
             time.sleep(0.8)  # idle longer than server_idle_check_timeout
             proxy.go_silent()
             job = Background(lambda: conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+            time.sleep(0.4)
+            row = [r for r in admin_show(d, "POOLS") if r["user"] == user][0]
+            assert (row["sv_tested"], row["sv_idle"], row["sv_active"], row["cl_waiting"]) \
+                == (1, 0, 0, 1)
             second = job.result(15)
         # The check got no answer within connect_timeout; the query ran on a new server.
         assert second != first
