@@ -65,7 +65,7 @@ _HELP = """
 \tSHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|CLIENTS|SERVERS|USERS|VERSION
 \tSHOW SOCKETS|LISTS|STATE|LOG_LEVEL|CONNECTIONS
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
-\tSHOW PREPARED_STATEMENTS|PREPARED_QUERIES|AUTH_QUERY
+	SHOW PREPARED_STATEMENTS|PREPARED_QUERIES|AUTH_QUERY|POOL_COORDINATOR
 \tSET log_level = 'info'
 \tRELOAD
 \tPAUSE [<db>]
@@ -286,7 +286,7 @@ class AdminConsole:
         hist = pool.stats.xact_hist
         return [pool.database, pool.user,
                 pool.clients - waiting, waiting, 0, 0,
-                active, 0, 0, idle, 0, 0, pool.connecting,
+                active, 0, 0, idle, 0, len(pool.testing), pool.connecting,
                 maxwait, maxwait_us, pool.settings.pool_mode, None,
                 # pgdoorman's own
                 pool.settings.pool_size, pool.paused, pool.draining,
@@ -307,6 +307,21 @@ class AdminConsole:
         now = time.monotonic()
         rows = [self._pool_row(p, now) for p in self.pools.all_pools()]
         return Result("SHOW", self._POOL_COLUMNS, rows)
+
+    def show_pool_coordinator(self) -> Result:
+        """
+        PgDoorman's SHOW POOL_COORDINATOR: one row per database with max_db_connections.
+        """
+        rows = []
+        for name, coordinator in sorted(self.pools.coordinators.items()):
+            st = coordinator.stats()
+            rows.append([name, st["max_db_conn"], st["current"], st["reserve_size"],
+                         st["reserve_used"], st["evictions"], st["reserve_acq"],
+                         st["exhaustions"]])
+        return Result("SHOW", [
+            ("database", "s"), ("max_db_conn", "i"), ("current", "i"), ("reserve_size", "i"),
+            ("reserve_used", "i"), ("evictions", "q"), ("reserve_acq", "q"),
+            ("exhaustions", "q")], rows)
 
     def show_pools_extended(self) -> Result:
         now = time.monotonic()

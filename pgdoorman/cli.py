@@ -130,6 +130,9 @@ def check(config, out=None, err=None) -> int:
     for key in config.unimplemented_keys():
         print("pgdoorman: warning: %s: %s is accepted but not implemented yet"
               % (config.path, key), file=err)
+    from pgdoorman.coordinator import config_warnings
+    for key, problem in config_warnings(config):
+        print("pgdoorman: warning: %s: %s %s" % (config.path, key, problem), file=err)
     problems = check_files(config)
     for key, problem in problems:
         print("pgdoorman: %s: %s: %s" % (config.path, key, problem), file=err)

@@ -180,8 +180,9 @@ OPTIONS: List[Option] = (
            "idle."),
         _r("server_idle_check_timeout", "duration", "60s",
            "Check a server connection idle for longer than this with "
-           "pooler_check_query before handing it to a client; 0 disables.",
-           implemented=False),
+           "pooler_check_query before handing it to a client; one that does "
+           "not answer within connect_timeout is closed and replaced. 0 "
+           "disables."),
         _r("shutdown_timeout", "duration", "10s",
            "On graceful shutdown or binary upgrade, how long to let clients "
            "finish their transactions."),
@@ -375,19 +376,25 @@ OPTIONS: List[Option] = (
            "Overrides general.scaling_cooldown_sleep.", implemented=False),
         _r("max_db_connections", "int", None,
            "Cap on server connections to this database across all its "
-           "users; unset or 0 disables.", implemented=False),
+           "users (the pool coordinator). At the cap, a pool that needs a "
+           "connection closes an idle one of another user first; unset or 0 "
+           "disables."),
         _r("min_connection_lifetime", "duration", None,
            "Connections younger than this are not evicted by the pool "
-           "coordinator (PgDoorman: 5000ms).", implemented=False),
+           "coordinator (unset: 30s)."),
         _r("reserve_pool_size", "int", None,
-           "Extra connections beyond max_db_connections used as a last "
-           "resort (PgDoorman: 0).", implemented=False),
+           "Connections allowed beyond max_db_connections for a client that "
+           "waited reserve_pool_timeout at the cap (unset: 0). Needs "
+           "max_db_connections."),
         _r("reserve_pool_timeout", "duration", None,
-           "Wait before using the reserve pool (PgDoorman: 3000ms).",
-           implemented=False),
+           "How long a client waits at max_db_connections (for an eviction "
+           "or a returned connection) before the reserve is used, or, when "
+           "the reserve is full, before it gets 'all server connections to "
+           "database ... are in use' (unset: 3s)."),
         _r("min_guaranteed_pool_size", "int", None,
-           "Connections per user protected from coordinator eviction.",
-           implemented=False),
+           "Connections of each user the coordinator never evicts for "
+           "another user (unset: 0); the floor is the larger of this and the "
+           "user's min_pool_size. Not a warm-up: see min_pool_size."),
         _r("server_tls_mode", "str", None,
            "Overrides general.server_tls_mode."),
         _r("server_tls_ca_cert", "str", None,
@@ -1457,7 +1464,29 @@ class _Builder:
             seen.add(user.username)
             users.append(user)
         values["users"] = users
+        self.coordinator(values, key_path)
         return PoolConfig(name=name, **values)
+
+    def coordinator(self, values: Dict[str, Any], key_path: _Path) -> None:
+        """The pool coordinator's keys agree with each other and with the users."""
+        guaranteed = values["min_guaranteed_pool_size"]
+        cap = values["max_db_connections"]
+        if guaranteed:
+            for user in values["users"]:
+                if guaranteed > user.pool_size:
+                    raise self.error(
+                        key_path + ("min_guaranteed_pool_size",),
+                        "min_guaranteed_pool_size (%d) cannot be larger than "
+                        "the pool_size (%d) of user %r"
+                        % (guaranteed, user.pool_size, user.username))
+        if cap:
+            for index, user in enumerate(values["users"]):
+                if user.min_pool_size and user.min_pool_size > cap:
+                    raise self.error(
+                        key_path + ("users", index, "min_pool_size"),
+                        "min_pool_size (%d) cannot be larger than the "
+                        "pool's max_db_connections (%d)"
+                        % (user.min_pool_size, cap))
 
     def config(self, data: Any) -> Config:
         if data is None:

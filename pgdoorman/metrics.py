@@ -164,6 +164,9 @@ class PoolCollector:
                     hits, misses, evictions,
                     cached, connects, connect_errors, timeouts)
 
+        if self.pools.coordinators:
+            yield from _coordinator_metrics(self.pools.coordinators)
+
         conn = GaugeMetricFamily("pg_doorman_connection_count",
                                  "Open connections by type", labels=["type"])
         conn.add_metric(["client"], len(self.pools.clients))
@@ -231,6 +234,27 @@ def _auth_query_families(pools) -> Iterator:
                             ("destroyed", aq.pools_destroyed)):
             dynamic.add_metric([kind, db], value)
     yield from (cache, auth, executor, dynamic)
+
+
+def _coordinator_metrics(coordinators) -> Iterator:
+    """PgDoorman's pg_doorman_pool_coordinator gauges and _total counters, per database."""
+    gauges = GaugeMetricFamily("pg_doorman_pool_coordinator",
+                               "Pool coordinator state (max_db_connections), by type",
+                               labels=["database", "type"])
+    counters = CounterMetricFamily("pg_doorman_pool_coordinator",
+                                   "Pool coordinator events since start, by type",
+                                   labels=["database", "type"])
+    for name, coordinator in sorted(coordinators.items()):
+        st = coordinator.stats()
+        gauges.add_metric([name, "connections"], st["current"])
+        gauges.add_metric([name, "reserve_in_use"], st["reserve_used"])
+        gauges.add_metric([name, "max_connections"], st["max_db_conn"])
+        gauges.add_metric([name, "reserve_pool_size"], st["reserve_size"])
+        counters.add_metric([name, "evictions"], st["evictions"])
+        counters.add_metric([name, "reserve_acquisitions"], st["reserve_acq"])
+        counters.add_metric([name, "exhaustions"], st["exhaustions"])
+    yield gauges
+    yield counters
 
 
 def _rss() -> int:

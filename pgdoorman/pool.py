@@ -24,7 +24,10 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgdoorman import coordinator as _coordinator
+from pgdoorman import idlecheck
 from pgdoorman.auth import query as _auth_query
+from pgdoorman.coordinator import Coordinator
 from pgdoorman.fallback import Fallback
 from pgdoorman.prepared import StatementCache
 from pgdoorman.protocol import errors
@@ -93,6 +96,11 @@ class Pool:
         self.older = self.newer = Snapshot()
         #: Patroni-assisted fallback (pgdoorman.fallback), idle unless patroni_api_urls is set.
         self.fallback = Fallback(self)
+        #: the database's L{Coordinator} when it sets max_db_connections (PoolService sets it).
+        self.coordinator: Optional[Coordinator] = None
+        #: servers being checked before a checkout (server_idle_check_timeout, sv_tested).
+        self.testing: set = set()
+        self.idle_check = service.config.general.server_idle_check_timeout
 
     # -- clients asking for and giving back servers -----------------------------------------
 
@@ -101,6 +109,12 @@ class Pool:
         now = _monotonic()
         if self.idle and not self.waiting and not self.paused:
             server = self.idle.popleft() if self.settings.server_round_robin else self.idle.pop()
+            if self.idle_check and now - server.last_used > self.idle_check:
+                # Idle long enough to be dead: the client waits for the check (idlecheck).
+                client.wait_started = now
+                self.waiting.append(client)
+                idlecheck.check(self, server)
+                return
             server.client = client
             server.assigned_at = now
             st = self.stats
@@ -151,6 +165,8 @@ class Pool:
             return
         server.last_used = now
         self.idle.append(server)
+        if self.coordinator is not None and self.coordinator.blocked:
+            self.coordinator.returned(self)
         if self.paused:
             self.service.pause_progress()
 
@@ -173,9 +189,12 @@ class Pool:
     def _grow(self) -> None:
         """Open connections for waiting clients, never beyond pool_size."""
         limit = self.service.config.general.max_concurrent_creates or self.settings.pool_size
-        while (len(self.waiting) > self.connecting
+        coordinator = self.coordinator
+        while (len(self.waiting) > self.connecting + len(self.testing)
                and len(self.servers) + self.connecting < self.settings.pool_size
                and self.connecting < limit):
+            if coordinator is not None and not coordinator.acquire(self):
+                break  # max_db_connections: the coordinator wakes us (pgdoorman.coordinator)
             self._connect()
 
     def _connect(self) -> defer.Deferred:
@@ -201,6 +220,8 @@ class Pool:
 
     def _connectFailed(self, failure) -> None:
         self.connecting -= 1
+        if self.coordinator is not None:
+            self.coordinator.released()
         self.stats.server_connect_errors += 1
         err = failure.value
         if not isinstance(err, errors.PgError):
@@ -223,6 +244,8 @@ class Pool:
         except ValueError:
             pass
         self._retire(server)
+        if self.coordinator is not None:
+            self.coordinator.dropping(server)
         server.close()
 
     def _retire(self, server) -> None:
@@ -236,6 +259,8 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
+        if self.coordinator is not None:
+            self.coordinator.lost(server)
         if self.paused:
             self.service.pause_progress()
         self._grow()
@@ -281,7 +306,10 @@ class Pool:
                 if (s.idle_timeout and now - server.last_used > s.idle_timeout) or \
                         (s.server_lifetime and now - server.created > s.server_lifetime):
                     self._drop(server)
+        coordinator = self.coordinator
         while len(self.servers) + self.connecting < keep:
+            if coordinator is not None and not coordinator.try_acquire(self):
+                break  # min_pool_size never takes the database's last slots from clients
             self._connect().addErrback(lambda f: None)
 
     def close_idle(self) -> None:
@@ -311,8 +339,9 @@ class Pool:
         self._grow()
 
     def counts(self) -> Tuple[int, int, int]:
-        """(active servers, idle servers, waiting clients)."""
-        return len(self.servers) - len(self.idle), len(self.idle), len(self.waiting)
+        """(active servers, idle servers, waiting clients); servers being tested are neither."""
+        return (len(self.servers) - len(self.idle) - len(self.testing), len(self.idle),
+                len(self.waiting))
 
     def active_servers(self) -> int:
         return len(self.servers) - len(self.idle)
@@ -388,6 +417,8 @@ class PoolService(service.Service):
         self.started = time.time()
         self.reloads = 0
         self._ids = 0
+        #: one L{Coordinator} per database that sets max_db_connections.
+        self.coordinators: Dict[str, Coordinator] = {}
         self._janitor = task.LoopingCall(self._tick)
         self._stats = task.LoopingCall(self._rollStats)
         self._stats_stamp = (_monotonic() - 1.0, _monotonic())
@@ -408,6 +439,10 @@ class PoolService(service.Service):
             pool = self.pools[(database, user)] = Pool(
                 self, database, user, self.config.pool_settings(database, user))
             pool.paused = self.paused_all or database in self.paused_databases
+            coordinator = self.coordinators.get(database)
+            if coordinator is not None:
+                pool.coordinator = coordinator
+                coordinator.join(pool)
         return pool
 
     def all_pools(self) -> List[Pool]:
@@ -513,6 +548,9 @@ class PoolService(service.Service):
         for db in list(self.paused_databases):
             if db not in config.pools:
                 self.paused_databases.discard(db)
+        for pool in self.all_pools():
+            pool.idle_check = config.general.server_idle_check_timeout
+        _coordinator.attach(self)
         self._ensureMinPools()
         self.reloads += 1
         self.pause_progress()
@@ -647,6 +685,7 @@ class PoolService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
+        _coordinator.attach(self)
         self._ensureMinPools()
         self._janitor.start(JANITOR_INTERVAL, now=True)
         self._stats.start(STATS_PERIOD, now=False)
@@ -669,6 +708,8 @@ class PoolService(service.Service):
             except Exception:
                 self.log.failure("janitor failed for pool {db}/{user}", db=pool.database,
                                  user=pool.user)
+        if self.coordinators:
+            _coordinator.tick_all(self, now)
 
     def _rollStats(self) -> None:
         """Every STATS_PERIOD: keep the totals of the last two periods for the averages."""

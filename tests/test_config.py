@@ -643,6 +643,7 @@ web:
   enabled: true
 pools:
   db:
+    log_client_parameter_status_changes: true
     max_db_connections: 10
     auth_query:
       query: SELECT usename, passwd FROM pg_shadow WHERE usename = $1
@@ -659,7 +660,7 @@ pools:
             "general.worker_threads",
             "general.tokio_event_interval",
             "general.max_memory_usage",
-            "pools.db.max_db_connections",
+            "pools.db.log_client_parameter_status_changes",
         ]
         assert cfg.general.worker_threads == 8
         assert cfg.prometheus.enabled is True and cfg.prometheus.port == 9128
