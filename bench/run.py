@@ -7,11 +7,13 @@ process per interpreter (CPython, and PyPy with --pypy) are started; then for ev
 (script, mode, clients) combination pgbench runs against each target back to back.  For the
 poolers the CPU time of the pooler process over the run (/proc/PID/stat utime+stime) divided by
 the transactions pgbench reports gives the figure of merit, µs of pooler CPU per transaction
-(see /work/shared/PERFORMANCE.md).  Everything started here is stopped on exit, Ctrl-C or error.
+(see /work/shared/PERFORMANCE.md), shown with its user and system parts.  --strace adds system
+calls per transaction, --profile py-spy flame graphs (bench/profile.sh).  Everything started
+here is stopped on exit, Ctrl-C or error.
 
     .venv/bin/python bench/run.py                 # full run (about 6 minutes)
-    .venv/bin/python bench/run.py --quick         # -S, c50, simple+extended, 5 s
-    .venv/bin/python bench/run.py --pypy --json out.json
+    .venv/bin/python bench/run.py --quick --pypy  # -S, c50, simple+extended+prepared, 5 s
+    .venv/bin/python bench/run.py --pypy --json out.json --markdown out.md
 """
 
 import argparse
@@ -612,8 +614,8 @@ def parse_args(argv=None):
     ap.add_argument("--strace", action="store_true",
                     help="after the measured runs, one more -S run per pooler and mode with "
                          "strace -c -f attached: system calls per transaction")
-    ap.add_argument("--strace-duration", type=int, default=3,
-                    help="seconds of each --strace run (default 3)")
+    ap.add_argument("--strace-duration", type=int, default=5,
+                    help="seconds of each --strace run (default 5)")
     ap.add_argument("--profile", metavar="DIR",
                     help="after the measured runs, one more run per script and mode with py-spy "
                          "on the CPython pgdoorman: DIR/*.svg flame graphs, DIR/*.top.txt")
@@ -768,6 +770,8 @@ def main(argv=None):
                         mode, args.clients[0], t, fmt(res["syscalls_per_tx"], ".1f"),
                         ", ".join("%s %.2f" % kv for kv in res["top_syscalls"]),
                         ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
+                    if res.get("stderr"):
+                        log("    " + res["stderr"].replace("\n", "\n    "))
 
         profiles = []
         if args.profile:
