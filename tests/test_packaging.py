@@ -479,7 +479,8 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
     left = [p for p in ("/etc/pgdoorman", "/var/log/pgdoorman", "/run/pgdoorman",
                         "/lib/systemd/system/pgdoorman.service", "/etc/logrotate.d/pgdoorman",
                         "/lib/systemd/system/patroni_proxy.service",
-                        "/usr/lib/python3/dist-packages/pgdoorman")
+                        "/usr/lib/python3/dist-packages/pgdoorman", "/etc/default/pgdoorman",
+                        "/usr/lib/pgdoorman", "/var/lib/pgdoorman")
             if os.path.exists(root.file(p))]
     assert left == [], left
     leftovers = glob.glob(root.file("/usr/lib/python3/dist-packages/twisted/plugins/pgdoorman*"))
