@@ -11,6 +11,8 @@
 # for speedscope or flamegraph.pl).  Installs py-spy into .venv from PyPI when missing.
 # Extra options go to bench/run.py, e.g. --profile-native (C frames too), --profile-duration 20,
 # --modes extended, --clients 200, --targets pgbouncer,pgdoorman (a PgBouncer row to compare).
+# --pypy adds pgdoorman on PyPy profiled with vmprof (CPU time; py-spy cannot read PyPy):
+# OUTDIR/pgdoorman-pypy-...vmprof and ...top.txt; vmprof is installed into .venv-pypy if missing.
 set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +28,16 @@ if [ ! -x "$VENV/bin/py-spy" ]; then
     echo "profile.sh: pip install py-spy into $VENV" >&2
     "$VENV/bin/python" -m pip install -q py-spy
 fi
+TARGETS=pgdoorman
+for a in "$@"; do
+    if [ "$a" = --pypy ]; then
+        TARGETS=pgdoorman,pgdoorman-pypy
+        if [ -x .venv-pypy/bin/python ] && ! .venv-pypy/bin/python -c 'import vmprof' 2>/dev/null; then
+            echo "profile.sh: pip install vmprof into .venv-pypy" >&2
+            .venv-pypy/bin/python -m pip install -q vmprof
+        fi
+    fi
+done
 mkdir -p "$OUT"
-exec "$VENV/bin/python" bench/run.py --targets pgdoorman --scripts select --clients 50 \
+exec "$VENV/bin/python" bench/run.py --targets "$TARGETS" --scripts select --clients 50 \
     --modes simple,extended,prepared --profile "$OUT" --markdown "$OUT/report.md" "$@"

@@ -242,7 +242,8 @@ def ensure_pypy_venv():
     return py
 
 
-def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size):
+def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
+                    vmprof_base=None):
     d = os.path.join(workdir, name)
     os.makedirs(d)
     port = free_port()
@@ -271,8 +272,13 @@ pools:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    argv = [python, "-m", "pgdoorman", conf]
+    if vmprof_base:
+        # PyPy under vmprof, switched on and off by SIGUSR1 around each profiled run
+        env["PGDOORMAN_VMPROF"] = vmprof_base
+        argv = [python, os.path.join(ROOT, "bench", "vmprof_pgdoorman.py"), conf]
     out = open(logfile, "w")
-    proc = subprocess.Popen([python, "-m", "pgdoorman", conf], stdout=out,
+    proc = subprocess.Popen(argv, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d, env=env,
                             start_new_session=True)
     out.close()
@@ -304,12 +310,13 @@ def check_login(svc):
 
 # -- pgbench ------------------------------------------------------------------------------------
 
-def run_pgbench(port, script, mode, clients, duration, timeout_extra=None):
+def run_pgbench(port, script, mode, clients, duration, timeout_extra=None, transactions=None):
     # -T ends the run; only connection set-up and stuck clients take longer.
     if timeout_extra is None:
         timeout_extra = 30 + clients * 0.1
     argv = [PGBENCH, "-n", "-h", "127.0.0.1", "-p", str(port), "-U", BENCH_USER,
-            "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration)]
+            "-M", mode, "-c", str(clients), "-j", "2"]
+    argv += ["-t", str(transactions)] if transactions else ["-T", str(duration)]
     if script == "select":
         argv.append("-S")
     argv.append(BENCH_DB)
@@ -500,6 +507,38 @@ def profile_run(svc, py_spy, outdir, script, mode, clients, duration, rate, nati
     return base
 
 
+def vmprof_run(svc, outdir, script, mode, clients, duration):
+    """
+    One pgbench run with vmprof on in the PyPy pgdoorman (bench/vmprof_pgdoorman.py, SIGUSR1
+    on and off): OUTDIR/pgdoorman-pypy-...vmprof (`vmprofshow FILE tree` in .venv-pypy) and
+    a top list of functions in ...top.txt.  vmprof samples CPU time, every 1 ms.
+    """
+    svc.check_alive()
+    vmprof_run.n = getattr(vmprof_run, "n", 0) + 1
+    made = os.path.join(os.path.abspath(outdir), "pgdoorman-pypy.%d.vmprof" % vmprof_run.n)
+    os.kill(svc.pid, signal.SIGUSR1)
+    time.sleep(0.2)
+    try:
+        res = run_pgbench(svc.port, script, mode, clients, duration)
+    finally:
+        os.kill(svc.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    svc.check_alive()
+    base = os.path.join(outdir, "%s-%s-%s-c%d" % (svc.name, script, mode, clients))
+    if not os.path.exists(made):
+        raise BenchError("vmprof wrote no %s\n%s" % (made, tail(svc.logfile)))
+    os.replace(made, base + ".vmprof")
+    top = subprocess.run([os.path.join(PYPY_VENV, "bin", "python"),
+                          os.path.join(ROOT, "bench", "vmprof_pgdoorman.py"), "--top",
+                          base + ".vmprof"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=300)
+    with open(base + ".top.txt", "w") as f:
+        f.write("vmprof on %s (pid %d), pgbench %s -M %s -c %d -T %d: %s tps%s\n\n%s"
+                % (svc.name, svc.pid, script, mode, clients, duration, fmt(res["tps"], ".0f"),
+                   ("  ERRORS: " + res["errors"]) if res["errors"] else "", top.stdout))
+    return base
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def fmt(v, spec):
@@ -618,7 +657,8 @@ def parse_args(argv=None):
                     help="seconds of each --strace run (default 5)")
     ap.add_argument("--profile", metavar="DIR",
                     help="after the measured runs, one more run per script and mode with py-spy "
-                         "on the CPython pgdoorman: DIR/*.svg flame graphs, DIR/*.top.txt")
+                         "on the CPython pgdoorman (DIR/*.svg flame graphs, DIR/*.top.txt) and, "
+                         "with pgdoorman-pypy, vmprof on PyPy (DIR/*.vmprof, *.top.txt)")
     ap.add_argument("--profile-duration", type=int, default=10,
                     help="seconds of each --profile run (default 10)")
     ap.add_argument("--profile-rate", type=int, default=250,
@@ -697,9 +737,19 @@ def main(argv=None):
             services["pgdoorman"] = start_pgdoorman("pgdoorman", args.python, workdir,
                                                     cluster.port, client_pw, args.pool_size)
         if "pgdoorman-pypy" in args.targets:
-            services["pgdoorman-pypy"] = start_pgdoorman("pgdoorman-pypy", ensure_pypy_venv(),
-                                                         workdir, cluster.port, client_pw,
-                                                         args.pool_size)
+            pypy = ensure_pypy_venv()
+            vmprof_base = None
+            if args.profile:
+                if subprocess.run([pypy, "-c", "import vmprof"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode:
+                    raise BenchError("--profile with pgdoorman-pypy needs vmprof in %s "
+                                     "(%s -m pip install vmprof, or bench/profile.sh --pypy)"
+                                     % (PYPY_VENV, pypy))
+                os.makedirs(args.profile, exist_ok=True)
+                vmprof_base = os.path.join(os.path.abspath(args.profile), "pgdoorman-pypy")
+            services["pgdoorman-pypy"] = start_pgdoorman("pgdoorman-pypy", pypy, workdir,
+                                                         cluster.port, client_pw,
+                                                         args.pool_size, vmprof_base)
         for name, svc in services.items():
             check_login(svc)
             ports[name] = svc.port
@@ -716,6 +766,20 @@ def main(argv=None):
                             log("    " + res["stderr"].replace("\n", "\n    "))
             for svc in services.values():
                 svc.check_alive()
+
+        # What a login costs each pooler: every measured run starts with max(--clients) of them,
+        # and their CPU is in that run's µs/tx (pgbench's TPS leaves connection time out).
+        logins = {}
+        for t, svc in services.items():
+            n = max(args.clients)
+            cpu0 = proc_cpu(svc.pid)
+            res = run_pgbench(svc.port, "select", "simple", n, 0, transactions=1)
+            cpu1 = proc_cpu(svc.pid)
+            if not res["errors"]:
+                logins[t] = (sum(cpu1) - sum(cpu0)) * 1e3 / n
+            log("%s: %s ms of CPU per client login (pgbench -c %d -t 1)%s"
+                % (t, fmt(logins.get(t), ".2f"), n,
+                   ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
 
         load_start = loadavg()
         results = []
@@ -785,8 +849,13 @@ def main(argv=None):
                                        max(args.clients), args.profile_duration,
                                        args.profile_rate, args.profile_native)
                     svc.check_alive()
-                    profiles.append(base)
+                    profiles.append(base + ".svg")
                     log("py-spy: %s.svg, %s.top.txt" % (base, base))
+                    if "pgdoorman-pypy" in services:
+                        base = vmprof_run(services["pgdoorman-pypy"], args.profile, script, mode,
+                                          max(args.clients), args.profile_duration)
+                        profiles.append(base + ".vmprof")
+                        log("vmprof: %s.vmprof, %s.top.txt" % (base, base))
 
         pythons = {"pgdoorman": args.python}
         if "pgdoorman-pypy" in services:
@@ -798,6 +867,11 @@ def main(argv=None):
                   % (git_rev(), ", ".join("%s on %s" % (t, interpreter(py))
                                           for t, py in pythons.items() if t in services),
                      os.cpu_count() or 0, load_start, load_end)]
+        if logins:
+            header.append("pooler CPU per client login (SCRAM; pgbench -c %d -t 1, after the "
+                          "warm-up): %s ms; each run's µs/tx includes its clients' logins"
+                          % (max(args.clients), ", ".join("%s %.2f" % kv
+                                                         for kv in logins.items())))
         report = ["\n".join(header), table(results, args.targets)]
         if syscalls:
             report.append("System calls of the pooler process (all threads) per transaction, "
@@ -807,7 +881,7 @@ def main(argv=None):
         if profiles:
             report.append("py-spy profiles (%d s, -c %d):\n\n%s" % (
                 args.profile_duration, max(args.clients),
-                "\n".join("- %s.svg, %s.top.txt" % (b, b) for b in profiles)))
+                "\n".join("- %s, %s.top.txt" % (b, b.rsplit(".", 1)[0]) for b in profiles)))
         print()
         print("\n\n".join(report))
         if args.markdown:
@@ -819,6 +893,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"},
                            "pg_port": cluster.port, "load_average": [load_start, load_end],
+                           "login_cpu_ms": logins,
                            "results": results, "syscalls": syscalls}, f, indent=1)
             log("raw results in %s" % args.json)
         return 0
