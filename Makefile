@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: venv run test test-deps bench lint clean
+.PHONY: venv run test test-deps bench profile lint clean
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: venv test-deps
 
 bench: venv
 	$(PY) bench/run.py
+
+# py-spy flame graphs of pgdoorman under pgbench load in .tmp/profile (bench/README.md).
+profile: venv
+	VENV=$(VENV) sh bench/profile.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

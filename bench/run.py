@@ -7,11 +7,13 @@ process per interpreter (CPython, and PyPy with --pypy) are started; then for ev
 (script, mode, clients) combination pgbench runs against each target back to back.  For the
 poolers the CPU time of the pooler process over the run (/proc/PID/stat utime+stime) divided by
 the transactions pgbench reports gives the figure of merit, µs of pooler CPU per transaction
-(see /work/shared/PERFORMANCE.md).  Everything started here is stopped on exit, Ctrl-C or error.
+(see /work/shared/PERFORMANCE.md), shown with its user and system parts.  --strace adds system
+calls per transaction, --profile py-spy flame graphs (bench/profile.sh).  Everything started
+here is stopped on exit, Ctrl-C or error.
 
     .venv/bin/python bench/run.py                 # full run (about 6 minutes)
-    .venv/bin/python bench/run.py --quick         # -S, c50, simple+extended, 5 s
-    .venv/bin/python bench/run.py --pypy --json out.json
+    .venv/bin/python bench/run.py --quick --pypy  # -S, c50, simple+extended+prepared, 5 s
+    .venv/bin/python bench/run.py --pypy --json out.json --markdown out.md
 """
 
 import argparse
@@ -56,12 +58,12 @@ def log(msg):
 # -- processes ----------------------------------------------------------------------------------
 
 def proc_cpu(pid):
-    """utime + stime of a process (all its threads) in seconds, from /proc/PID/stat."""
+    """(utime, stime) of a process (all its threads) in seconds, from /proc/PID/stat."""
     with open("/proc/%d/stat" % pid) as f:
         data = f.read()
     # comm (field 2) may contain spaces; fields after the closing paren start at field 3.
     rest = data[data.rindex(")") + 2:].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
 
 
 def children_of(pid):
@@ -240,7 +242,8 @@ def ensure_pypy_venv():
     return py
 
 
-def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size):
+def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
+                    vmprof_base=None):
     d = os.path.join(workdir, name)
     os.makedirs(d)
     port = free_port()
@@ -269,8 +272,13 @@ pools:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    argv = [python, "-m", "pgdoorman", conf]
+    if vmprof_base:
+        # PyPy under vmprof, switched on and off by SIGUSR1 around each profiled run
+        env["PGDOORMAN_VMPROF"] = vmprof_base
+        argv = [python, os.path.join(ROOT, "bench", "vmprof_pgdoorman.py"), conf]
     out = open(logfile, "w")
-    proc = subprocess.Popen([python, "-m", "pgdoorman", conf], stdout=out,
+    proc = subprocess.Popen(argv, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d, env=env,
                             start_new_session=True)
     out.close()
@@ -302,12 +310,13 @@ def check_login(svc):
 
 # -- pgbench ------------------------------------------------------------------------------------
 
-def run_pgbench(port, script, mode, clients, duration, timeout_extra=None):
+def run_pgbench(port, script, mode, clients, duration, timeout_extra=None, transactions=None):
     # -T ends the run; only connection set-up and stuck clients take longer.
     if timeout_extra is None:
         timeout_extra = 30 + clients * 0.1
     argv = [PGBENCH, "-n", "-h", "127.0.0.1", "-p", str(port), "-U", BENCH_USER,
-            "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration)]
+            "-M", mode, "-c", str(clients), "-j", "2"]
+    argv += ["-t", str(transactions)] if transactions else ["-T", str(duration)]
     if script == "select":
         argv.append("-S")
     argv.append(BENCH_DB)
@@ -351,10 +360,183 @@ def parse_pgbench(out, err, rc):
         errors.append("no tps")
     res["errors"] = ", ".join(errors)
     if errors:
-        lines = [l for l in err.splitlines() if l.strip()]
+        lines = [line for line in err.splitlines() if line.strip()]
         res["stderr"] = "\n".join(lines[:5] + (["..."] + lines[-3:] if len(lines) > 8 else
                                                 lines[5:]))
     return res
+
+
+# -- syscalls (--strace) -----------------------------------------------------------------------
+
+def parse_strace_c(path):
+    """{syscall: calls} from the summary `strace -c -o FILE` writes."""
+    calls = {}
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return calls
+    for line in lines:
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(fields) in (5, 6) and fields[0][0].isdigit() and fields[-1] != "total":
+            try:
+                calls[fields[-1]] = int(fields[3])
+            except ValueError:
+                pass
+    return calls
+
+
+def strace_run(svc, workdir, script, mode, clients, duration):
+    """
+    One pgbench run with `strace -c -f` attached to the pooler: system calls per transaction.
+    strace slows every system call, so TPS and CPU of this run mean nothing; the counts do
+    (connection set-up is included, a few dozen calls per client).
+    """
+    if not shutil.which("strace"):
+        raise BenchError("--strace: strace is not installed (apt-get install -y strace)")
+    out = os.path.join(workdir, "strace-%s-%s-%s.txt" % (svc.name, script, mode))
+    st = subprocess.Popen(["strace", "-c", "-f", "-q", "-p", str(svc.pid), "-o", out],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # attached to every thread by then
+        if st.poll() is not None:
+            raise BenchError("strace -p %d exited: %s"
+                             % (svc.pid, st.stderr.read().decode(errors="replace")))
+        res = run_pgbench(svc.port, script, mode, clients, duration)
+    finally:
+        if st.poll() is None:
+            st.send_signal(signal.SIGINT)
+        try:
+            st.wait(15)
+        except subprocess.TimeoutExpired:
+            st.kill()
+            st.wait()
+    calls = parse_strace_c(out)
+    n = res["transactions"]
+    res["syscalls"] = calls
+    res["syscalls_per_tx"] = sum(calls.values()) / n if n and calls else None
+    res["top_syscalls"] = [(name, c / n) for name, c in
+                           sorted(calls.items(), key=lambda kv: -kv[1])[:5]] if n else []
+    return res
+
+
+def syscall_table(rows):
+    lines = ["| pooler | script | mode | clients | transactions | syscalls/tx | top (per tx) "
+             "| errors |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %s | %d | %d | %s | %s | %s |" % (
+            r["target"], r["script"], r["mode"], r["clients"], r["transactions"],
+            fmt(r.get("syscalls_per_tx"), ".1f"),
+            ", ".join("%s %.2f" % kv for kv in r.get("top_syscalls", [])), r["errors"]))
+    return "\n".join(lines)
+
+
+# -- py-spy (--profile) -------------------------------------------------------------------------
+
+def find_py_spy(python):
+    for cand in (os.path.join(os.path.dirname(python), "py-spy"),
+                 os.path.join(os.path.dirname(sys.executable), "py-spy"), shutil.which("py-spy")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    raise BenchError("--profile: py-spy not found (%s -m pip install py-spy, or bench/profile.sh)"
+                     % sys.executable)
+
+
+def top_functions(raw_path, n=30):
+    """Self and total sample counts per function from py-spy's raw (collapsed) output."""
+    self_, total, samples = {}, {}, 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            count = int(count)
+            samples += count
+            # "func (path/file.py:123)": one entry per function, whatever the line
+            frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";")]
+            self_[frames[-1]] = self_.get(frames[-1], 0) + count
+            for fr in set(frames):
+                total[fr] = total.get(fr, 0) + count
+    out = ["%d samples (py-spy leaves out those of a sleeping thread, e.g. in epoll_wait; a "
+           "system call counts as the self time of its caller)" % samples, "",
+           "  self%  total%  function"]
+    for fr, c in sorted(self_.items(), key=lambda kv: -kv[1])[:n]:
+        out.append("%6.1f  %6.1f  %s" % (100.0 * c / samples, 100.0 * total[fr] / samples,
+                                         fr.replace(ROOT + "/", "")))
+    out += ["", "by total (inclusive):", "  total%  self%  function"]
+    for fr, c in sorted(total.items(), key=lambda kv: -kv[1])[:n]:
+        out.append("%6.1f  %6.1f  %s" % (100.0 * c / samples, 100.0 * self_.get(fr, 0) / samples,
+                                         fr.replace(ROOT + "/", "")))
+    return "\n".join(out) + "\n"
+
+
+def profile_run(svc, py_spy, outdir, script, mode, clients, duration, rate, native):
+    """
+    One pgbench run with two non-blocking py-spy samplers on the pooler: a flame graph (SVG)
+    and the raw collapsed stacks, summarised as a top list of functions.  Non-blocking: the
+    pooler is not stopped per sample, so its speed is close to an unprofiled run.
+    """
+    base = os.path.join(outdir, "%s-%s-%s-c%d" % (svc.name, script, mode, clients))
+    common = ["record", "--pid", str(svc.pid), "--rate", str(rate), "--nonblocking",
+              "--duration", str(duration + 1)] + (["--native"] if native else [])
+    procs = []
+    for fmt_, path in (("flamegraph", base + ".svg"), ("raw", base + ".raw")):
+        procs.append(subprocess.Popen([py_spy] + common + ["--format", fmt_, "--output", path],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=open(base + ".%s.log" % fmt_, "w")))
+    time.sleep(0.5)
+    res = run_pgbench(svc.port, script, mode, clients, duration)
+    for p in procs:
+        try:
+            p.wait(duration + 30)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)
+            p.wait(10)
+    if not os.path.exists(base + ".raw"):
+        raise BenchError("py-spy wrote no %s.raw:\n%s" % (base, tail(base + ".raw.log")))
+    with open(base + ".top.txt", "w") as f:
+        f.write("py-spy on %s (pid %d), pgbench %s -M %s -c %d -T %d: %s tps%s\n\n"
+                % (svc.name, svc.pid, script, mode, clients, duration, fmt(res["tps"], ".0f"),
+                   ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
+        f.write(top_functions(base + ".raw"))
+    for ext in (".flamegraph.log", ".raw.log"):
+        if os.path.exists(base + ext) and not os.path.getsize(base + ext):
+            os.unlink(base + ext)
+    return base
+
+
+def vmprof_run(svc, outdir, script, mode, clients, duration):
+    """
+    One pgbench run with vmprof on in the PyPy pgdoorman (bench/vmprof_pgdoorman.py, SIGUSR1
+    on and off): OUTDIR/pgdoorman-pypy-...vmprof (`vmprofshow FILE tree` in .venv-pypy) and
+    a top list of functions in ...top.txt.  vmprof samples CPU time, every 1 ms.
+    """
+    svc.check_alive()
+    vmprof_run.n = getattr(vmprof_run, "n", 0) + 1
+    made = os.path.join(os.path.abspath(outdir), "pgdoorman-pypy.%d.vmprof" % vmprof_run.n)
+    os.kill(svc.pid, signal.SIGUSR1)
+    time.sleep(0.2)
+    try:
+        res = run_pgbench(svc.port, script, mode, clients, duration)
+    finally:
+        os.kill(svc.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    svc.check_alive()
+    base = os.path.join(outdir, "%s-%s-%s-c%d" % (svc.name, script, mode, clients))
+    if not os.path.exists(made):
+        raise BenchError("vmprof wrote no %s\n%s" % (made, tail(svc.logfile)))
+    os.replace(made, base + ".vmprof")
+    top = subprocess.run([os.path.join(PYPY_VENV, "bin", "python"),
+                          os.path.join(ROOT, "bench", "vmprof_pgdoorman.py"), "--top",
+                          base + ".vmprof"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=300)
+    with open(base + ".top.txt", "w") as f:
+        f.write("vmprof on %s (pid %d), pgbench %s -M %s -c %d -T %d: %s tps%s\n\n%s"
+                % (svc.name, svc.pid, script, mode, clients, duration, fmt(res["tps"], ".0f"),
+                   ("  ERRORS: " + res["errors"]) if res["errors"] else "", top.stdout))
+    return base
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -368,7 +550,10 @@ def ratio(a, b):
 
 
 def table(results, targets):
-    """Columns: the TPS, ratios and µs/tx of direct/pgbouncer/pgdoorman, then PyPy's group."""
+    """
+    Columns: the TPS, ratios and pooler CPU per transaction (total, user, system) of
+    direct/pgbouncer/pgdoorman, then PyPy's group.
+    """
     base = [t for t in targets if t != "pgdoorman-pypy"]
     groups = [base] + ([["pgdoorman-pypy"]] if "pgdoorman-pypy" in targets else [])
     cols, getters = ["script", "mode", "clients"], []
@@ -383,8 +568,8 @@ def table(results, targets):
     def rel(t, ref):
         return lambda r: fmt(ratio(r[t].get("tps"), r[ref].get("tps")), ".2f")
 
-    def cpu(t):
-        return lambda r: fmt(r.get(t, {}).get("cpu_us_per_tx"), ".1f")
+    def cpu(t, key):
+        return lambda r: fmt(r.get(t, {}).get(key), ".1f")
 
     for group in groups:
         for t in group:
@@ -396,7 +581,9 @@ def table(results, targets):
                         add("%s/%s" % (t, ref), rel(t, ref))
         for t in group:
             if t != "direct":
-                add("%s µs/tx" % t, cpu(t))
+                add("%s µs/tx" % t, cpu(t, "cpu_us_per_tx"))
+                add("%s usr" % t, cpu(t, "user_us_per_tx"))
+                add("%s sys" % t, cpu(t, "sys_us_per_tx"))
     lines = ["| " + " | ".join(cols + ["errors"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for row in results:
         r = row["runs"]
@@ -405,6 +592,32 @@ def table(results, targets):
                                if r.get(t, {}).get("errors")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def git_rev():
+    try:
+        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def interpreter(python):
+    try:
+        return subprocess.run([python, "-c", "import platform, sys; print("
+                               "platform.python_implementation(), platform.python_version())"],
+                              stdout=subprocess.PIPE, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -433,12 +646,29 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2,
                     help="seconds of unreported -S warm-up per target and mode (default 2; 0 off)")
     ap.add_argument("--json", metavar="FILE", help="save raw results as JSON")
+    ap.add_argument("--markdown", metavar="FILE",
+                    help="also write the report (tables, versions, load average) to FILE")
     ap.add_argument("--quick", action="store_true",
-                    help="fast check: -S only, -c 50, simple+extended, 5 s")
+                    help="fast comparison: -S only, -c 50, simple+extended+prepared, 5 s")
+    ap.add_argument("--strace", action="store_true",
+                    help="after the measured runs, one more -S run per pooler and mode with "
+                         "strace -c -f attached: system calls per transaction")
+    ap.add_argument("--strace-duration", type=int, default=5,
+                    help="seconds of each --strace run (default 5)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="after the measured runs, one more run per script and mode with py-spy "
+                         "on the CPython pgdoorman (DIR/*.svg flame graphs, DIR/*.top.txt) and, "
+                         "with pgdoorman-pypy, vmprof on PyPy (DIR/*.vmprof, *.top.txt)")
+    ap.add_argument("--profile-duration", type=int, default=10,
+                    help="seconds of each --profile run (default 10)")
+    ap.add_argument("--profile-rate", type=int, default=250,
+                    help="py-spy samples per second (default 250)")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="py-spy --native: C frames too (slower sampling)")
     args = ap.parse_args(argv)
     if args.quick:
         args.scripts, args.clients, args.modes, args.duration = "select", "50", \
-            "simple,extended", 5
+            "simple,extended,prepared", 5
     args.clients = [int(c) for c in args.clients.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.scripts = [s for s in args.scripts.split(",") if s]
@@ -456,6 +686,8 @@ def parse_args(argv=None):
     for t in args.targets:
         if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy"):
             ap.error("unknown target %r" % t)
+    if args.profile and "pgdoorman" not in args.targets:
+        ap.error("--profile needs the pgdoorman target (py-spy reads CPython only)")
     return args
 
 
@@ -505,9 +737,19 @@ def main(argv=None):
             services["pgdoorman"] = start_pgdoorman("pgdoorman", args.python, workdir,
                                                     cluster.port, client_pw, args.pool_size)
         if "pgdoorman-pypy" in args.targets:
-            services["pgdoorman-pypy"] = start_pgdoorman("pgdoorman-pypy", ensure_pypy_venv(),
-                                                         workdir, cluster.port, client_pw,
-                                                         args.pool_size)
+            pypy = ensure_pypy_venv()
+            vmprof_base = None
+            if args.profile:
+                if subprocess.run([pypy, "-c", "import vmprof"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode:
+                    raise BenchError("--profile with pgdoorman-pypy needs vmprof in %s "
+                                     "(%s -m pip install vmprof, or bench/profile.sh --pypy)"
+                                     % (PYPY_VENV, pypy))
+                os.makedirs(args.profile, exist_ok=True)
+                vmprof_base = os.path.join(os.path.abspath(args.profile), "pgdoorman-pypy")
+            services["pgdoorman-pypy"] = start_pgdoorman("pgdoorman-pypy", pypy, workdir,
+                                                         cluster.port, client_pw,
+                                                         args.pool_size, vmprof_base)
         for name, svc in services.items():
             check_login(svc)
             ports[name] = svc.port
@@ -525,6 +767,21 @@ def main(argv=None):
             for svc in services.values():
                 svc.check_alive()
 
+        # What a login costs each pooler: every measured run starts with max(--clients) of them,
+        # and their CPU is in that run's µs/tx (pgbench's TPS leaves connection time out).
+        logins = {}
+        for t, svc in services.items():
+            n = max(args.clients)
+            cpu0 = proc_cpu(svc.pid)
+            res = run_pgbench(svc.port, "select", "simple", n, 0, transactions=1)
+            cpu1 = proc_cpu(svc.pid)
+            if not res["errors"]:
+                logins[t] = (sum(cpu1) - sum(cpu0)) * 1e3 / n
+            log("%s: %s ms of CPU per client login (pgbench -c %d -t 1)%s"
+                % (t, fmt(logins.get(t), ".2f"), n,
+                   ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
+
+        load_start = loadavg()
         results = []
         for script in args.scripts:
             for mode in args.modes:
@@ -540,29 +797,104 @@ def main(argv=None):
                         res["wall_s"] = round(time.monotonic() - t0, 3)
                         if svc:
                             svc.check_alive()
-                            cpu = proc_cpu(svc.pid) - cpu0
-                            res["cpu_s"] = round(cpu, 4)
-                            res["cpu_us_per_tx"] = (cpu * 1e6 / res["transactions"]
-                                                    if res["transactions"] else None)
+                            cpu1 = proc_cpu(svc.pid)
+                            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                            res["cpu_user_s"], res["cpu_sys_s"] = round(user, 4), round(system, 4)
+                            res["cpu_s"] = round(user + system, 4)
+                            n = res["transactions"]
+                            res["cpu_us_per_tx"] = (user + system) * 1e6 / n if n else None
+                            res["user_us_per_tx"] = user * 1e6 / n if n else None
+                            res["sys_us_per_tx"] = system * 1e6 / n if n else None
                         row["runs"][t] = res
                         log("%-6s %-8s c%-4d %-15s tps %8s  %s%s" % (
                             script, mode, clients, t, fmt(res["tps"], ".0f"),
-                            "%.1f us/tx" % res["cpu_us_per_tx"]
-                            if res.get("cpu_us_per_tx") else "",
+                            "%.1f us/tx (usr %.1f sys %.1f)" % (
+                                res["cpu_us_per_tx"], res["user_us_per_tx"],
+                                res["sys_us_per_tx"]) if res.get("cpu_us_per_tx") else "",
                             ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
                         if res.get("stderr"):
                             log("    " + res["stderr"].replace("\n", "\n    "))
                     results.append(row)
+        load_end = loadavg()
 
+        syscalls = []
+        if args.strace:
+            for mode in args.modes:
+                for t in args.targets:
+                    svc = services.get(t)
+                    if not svc:
+                        continue
+                    svc.check_alive()
+                    res = strace_run(svc, workdir, "select", mode, args.clients[0],
+                                     args.strace_duration)
+                    svc.check_alive()
+                    res.update(target=t, script="select", mode=mode, clients=args.clients[0])
+                    syscalls.append(res)
+                    log("strace select %-8s c%-4d %-15s %s syscalls/tx  %s%s" % (
+                        mode, args.clients[0], t, fmt(res["syscalls_per_tx"], ".1f"),
+                        ", ".join("%s %.2f" % kv for kv in res["top_syscalls"]),
+                        ("  ERRORS: " + res["errors"]) if res["errors"] else ""))
+                    if res.get("stderr"):
+                        log("    " + res["stderr"].replace("\n", "\n    "))
+
+        profiles = []
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            py_spy = find_py_spy(args.python)
+            for script in args.scripts:
+                for mode in args.modes:
+                    svc = services["pgdoorman"]
+                    svc.check_alive()
+                    base = profile_run(svc, py_spy, args.profile, script, mode,
+                                       max(args.clients), args.profile_duration,
+                                       args.profile_rate, args.profile_native)
+                    svc.check_alive()
+                    profiles.append(base + ".svg")
+                    log("py-spy: %s.svg, %s.top.txt" % (base, base))
+                    if "pgdoorman-pypy" in services:
+                        base = vmprof_run(services["pgdoorman-pypy"], args.profile, script, mode,
+                                          max(args.clients), args.profile_duration)
+                        profiles.append(base + ".vmprof")
+                        log("vmprof: %s.vmprof, %s.top.txt" % (base, base))
+
+        pythons = {"pgdoorman": args.python}
+        if "pgdoorman-pypy" in services:
+            pythons["pgdoorman-pypy"] = os.path.join(PYPY_VENV, "bin", "python")
+        header = ["pgbench -n -j 2 -T %d, scale %d, pool size %d; pooler CPU per transaction "
+                  "from /proc/PID/stat (µs/tx = usr + sys)"
+                  % (args.duration, args.scale, args.pool_size),
+                  "pgdoorman %s; %s; %d CPUs; load average %s at start, %s at end"
+                  % (git_rev(), ", ".join("%s on %s" % (t, interpreter(py))
+                                          for t, py in pythons.items() if t in services),
+                     os.cpu_count() or 0, load_start, load_end)]
+        if logins:
+            header.append("pooler CPU per client login (SCRAM; pgbench -c %d -t 1, after the "
+                          "warm-up): %s ms; each run's µs/tx includes its clients' logins"
+                          % (max(args.clients), ", ".join("%s %.2f" % kv
+                                                         for kv in logins.items())))
+        report = ["\n".join(header), table(results, args.targets)]
+        if syscalls:
+            report.append("System calls of the pooler process (all threads) per transaction, "
+                          "strace -c -f over a separate %d s run (TPS under strace is "
+                          "meaningless):\n\n%s" % (args.strace_duration,
+                                                     syscall_table(syscalls)))
+        if profiles:
+            report.append("py-spy profiles (%d s, -c %d):\n\n%s" % (
+                args.profile_duration, max(args.clients),
+                "\n".join("- %s, %s.top.txt" % (b, b.rsplit(".", 1)[0]) for b in profiles)))
         print()
-        print("pgbench -n -j 2 -T %d, scale %d, pool size %d, pooler CPU from /proc/PID/stat"
-              % (args.duration, args.scale, args.pool_size))
-        print()
-        print(table(results, args.targets))
+        print("\n\n".join(report))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write("# bench/run.py %s\n\n%s\n" % (
+                    time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "\n\n".join(report)))
+            log("markdown report in %s" % args.markdown)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"},
-                           "pg_port": cluster.port, "results": results}, f, indent=1)
+                           "pg_port": cluster.port, "load_average": [load_start, load_end],
+                           "login_cpu_ms": logins,
+                           "results": results, "syscalls": syscalls}, f, indent=1)
             log("raw results in %s" % args.json)
         return 0
     finally:

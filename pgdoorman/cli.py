@@ -84,6 +84,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if argv and argv[0] == "generate":
         from pgdoorman import generate
         raise SystemExit(generate.main(argv[1:]))
+    # PGDOORMAN_RUNTIME=auto|pypy: re-exec on PyPy before anything else (not for generate,
+    # which needs psycopg, a CPython package here).
+    from pgdoorman import runtime
+    runtime.select(argv)
     parser = _parser()
     # The environment's LOG_LEVEL is a default, so argparse does not check it: do it here.
     if os.environ.get("LOG_LEVEL"):

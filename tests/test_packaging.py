@@ -213,6 +213,31 @@ def test_patroni_proxy_unit_file(deb_tree, tmp_path):
     _verify_unit(deb_tree, tmp_path, "patroni_proxy")
 
 
+def test_runtime_switch_is_shipped(deb, deb_tree):
+    """/etc/default/pgdoorman (a conffile) selects the interpreter; pypy-setup makes PyPy's."""
+    unit = _unit(deb_tree)["Service"]
+    assert unit["EnvironmentFile"] == "-/etc/default/pgdoorman"
+    with open(os.path.join(deb_tree, "etc/default/pgdoorman")) as f:
+        settings = dict(line.strip().split("=", 1) for line in f
+                        if line.strip() and not line.startswith("#"))
+    assert settings == {"PGDOORMAN_RUNTIME": "auto"}
+    conffiles = subprocess.run(["dpkg-deb", "-I", deb[0], "conffiles"],
+                               stdout=subprocess.PIPE, text=True).stdout.split()
+    assert "/etc/default/pgdoorman" in conffiles
+    setup = os.path.join(deb_tree, "usr/lib/pgdoorman/pypy-setup")
+    assert os.access(setup, os.X_OK)
+    out = subprocess.run(["sh", "-n", setup], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    assert out.returncode == 0, out.stdout
+    # With auto and no PyPy venv, the installed command runs on Debian's python3 as before.
+    env = dict(doorman_env(), PGDOORMAN_RUNTIME="auto",
+               PGDOORMAN_PYPY=os.path.join(deb_tree, "no-such-venv/bin/python"))
+    out = subprocess.run([sys.executable, "-m", "pgdoorman", "-t",
+                          os.path.join(deb_tree, "etc/pgdoorman/pgdoorman.yaml")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    assert out.returncode == 0 and "PyPy" not in out.stdout, out.stdout
+
+
 def test_man_page_renders(deb_tree):
     if not shutil.which("man"):
         pytest.skip("man is not installed")
@@ -266,6 +291,8 @@ def test_rpm_files_and_requires(rpm):
                             text=True).stdout.split()
     assert "/etc/pgdoorman/pgdoorman.yaml" in config
     assert "/etc/pgdoorman/patroni_proxy.yaml" in config
+    assert "/etc/default/pgdoorman" in config
+    assert "/usr/lib/pgdoorman/pypy-setup" in files
 
 
 def _cpio_newc(data):
@@ -290,6 +317,8 @@ def test_rpm_ships_the_same_unit_and_config(rpm, deb_tree):
     for rpm_path, deb_path in (("usr/lib/systemd/system/pgdoorman.service",
                                 "lib/systemd/system/pgdoorman.service"),
                                ("etc/pgdoorman/pgdoorman.yaml", "etc/pgdoorman/pgdoorman.yaml"),
+                               ("etc/default/pgdoorman", "etc/default/pgdoorman"),
+                               ("usr/lib/pgdoorman/pypy-setup", "usr/lib/pgdoorman/pypy-setup"),
                                ("usr/lib/systemd/system/patroni_proxy.service",
                                 "lib/systemd/system/patroni_proxy.service"),
                                ("etc/pgdoorman/patroni_proxy.yaml",
@@ -450,7 +479,8 @@ def test_debian12_install_run_reload_purge(deb, pg, debian_root, tmp_path):
     left = [p for p in ("/etc/pgdoorman", "/var/log/pgdoorman", "/run/pgdoorman",
                         "/lib/systemd/system/pgdoorman.service", "/etc/logrotate.d/pgdoorman",
                         "/lib/systemd/system/patroni_proxy.service",
-                        "/usr/lib/python3/dist-packages/pgdoorman")
+                        "/usr/lib/python3/dist-packages/pgdoorman", "/etc/default/pgdoorman",
+                        "/usr/lib/pgdoorman", "/var/lib/pgdoorman")
             if os.path.exists(root.file(p))]
     assert left == [], left
     leftovers = glob.glob(root.file("/usr/lib/python3/dist-packages/twisted/plugins/pgdoorman*"))
