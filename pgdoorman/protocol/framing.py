@@ -104,6 +104,7 @@ class Scanner:
             return data
         self._remain = 0
         handle = self.handle
+        inspect = self.inspect
         out: Optional[List[bytes]] = None
         start = 0
         stop = n
@@ -117,8 +118,9 @@ class Scanner:
             if length < 4 or length > MAX_MESSAGE:
                 raise FramingError("invalid message length %d" % length)
             end = pos + 1 + length
-            if code in self.inspect:
+            if code in inspect:
                 answer = handle(code, data, pos, end, n)
+                inspect = self.inspect  # the handler may have changed it
                 if answer is not None:
                     if answer is WHOLE:
                         self._hold(data, pos, end - pos)
