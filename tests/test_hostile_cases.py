@@ -200,3 +200,35 @@ def test_flush_with_a_body_leaves_no_error_state_behind(d, before):
     canary = Canary(d)
     hostile(d, before + message(b"H", b"junk"))
     canary.round()
+
+
+BOGUS = message(b"\x01", b"junk")                       # no such frontend message
+BAD_LENGTH = b"B" + struct.pack("!I", 2)                 # a length below 4
+BAD_BIND = message(b"B", b"no-nul")                      # a Bind without its portal's NUL
+
+
+@pytest.mark.parametrize("bad", [BOGUS, BAD_LENGTH], ids=["unknown_type", "bad_length"])
+def test_unnamed_parse_before_a_fatal_message_leaves_no_expectation(d, bad):
+    """
+    An unnamed Parse and then, in the same write, a message that ends the client (08P01).
+    The pooler drops the Parse with the client, so PostgreSQL never answers it; nothing may
+    stay expected of it on the server, or the canary's next ParseComplete is taken for that
+    answer, the canary's own Parse for one PostgreSQL skipped, and its statement forgotten:
+    the canary's next Bind then reaches PostgreSQL unrenamed (26000 "_pg3_0 does not exist").
+    """
+    hostile(d, parse("", "SELECT 1") + bad)
+    canary = Canary(d)
+    canary.round()
+
+
+@pytest.mark.parametrize("bad", [BOGUS, BAD_LENGTH, BAD_BIND],
+                         ids=["unknown_type", "bad_length", "bad_bind"])
+def test_named_parse_before_a_fatal_message_is_not_taken_as_done(d, bad):
+    """
+    The same with a named Parse of the canary's own query: the pooler must not believe the
+    server holds that statement, or it skips the canary's Parse (26000 "does not exist" at
+    the canary's Bind).
+    """
+    hostile(d, parse("h", CANARY_SQL, CANARY_TYPES) + bad)
+    canary = Canary(d)
+    canary.round()
