@@ -232,3 +232,26 @@ def test_named_parse_before_a_fatal_message_is_not_taken_as_done(d, bad):
     hostile(d, parse("h", CANARY_SQL, CANARY_TYPES) + bad)
     canary = Canary(d)
     canary.round()
+
+
+def test_copy_through_the_extended_protocol_does_not_keep_the_server(d, pg):
+    """
+    COPY FROM STDIN by Parse/Bind/Execute/Sync, as libpq sends it for PQexecParams (psycopg's
+    copy() with parameters): PostgreSQL ignores the Sync that arrives during copy-in and
+    answers the one after CopyDone, so two Syncs get one ReadyForQuery.  Counted as two,
+    the server never looks idle again: an idle client keeps the pool's only server.
+    """
+    pg.psql("CREATE TABLE IF NOT EXISTS hostile_copy (v int); "
+            'GRANT ALL ON hostile_copy TO "%s"' % d.user, db=DB)
+    canary = Canary(d)
+    h = login(d)
+    h.send(parse("", "COPY hostile_copy (v) FROM STDIN") + bind("") + execute() + SYNC)
+    kinds = [h.recv_msg()[0] for _ in range(3)]
+    assert kinds == [b"1", b"2", b"G"], kinds  # ParseComplete, BindComplete, CopyInResponse
+    h.send(message(b"d", b"1\n") + message(b"c") + SYNC)
+    kinds, errors, _ = replies(h)
+    assert not errors and kinds[-2:] == [b"C", b"Z"], (kinds, describe_errors(errors))
+    assert h.query("SELECT 40 + 2") == [("42",)]
+    took = canary.round()
+    assert took < 3, "the canary waited %.1fs for the server" % took
+    h.terminate()
