@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import ConnectionClosed, RawClient, md5_secret, parse_fields, simple_config
+from conftest import (ConnectionClosed, RawClient, ServerError, md5_secret, parse_fields,
+                      simple_config)
 from hostile import SYNC, bind, execute, parse, query
 from pgdoorman.protocol.messages import message
 
@@ -255,3 +256,45 @@ def test_copy_through_the_extended_protocol_does_not_keep_the_server(d, pg):
     took = canary.round()
     assert took < 3, "the canary waited %.1fs for the server" % took
     h.terminate()
+
+
+# -- found by reading the relay while diagnosing the above: one client, PostgreSQL's answers --
+
+def test_close_skipped_after_an_error_keeps_the_statement(d):
+    """
+    A Close of a statement after an error in the same pipeline is skipped by PostgreSQL:
+    the statement still exists after the Sync, and Binding it works.  The pooler forgets
+    the client's name when it sends the Close, so the Bind goes out unrenamed (26000).
+    """
+    c = login(d)
+    c.send(parse("a", CANARY_SQL, CANARY_TYPES) + SYNC)
+    assert not replies(c)[1]
+    c.send(parse("", "SELEC 1") + message(b"C", b"Sa\x00") + SYNC)
+    assert [e["C"] for e in replies(c)[1]] == ["42601"]
+    c.send(bind("a", ["1"]) + execute() + SYNC)
+    kinds, errors, rows = replies(c)
+    assert not errors, describe_errors(errors)
+    assert rows == ["2"]
+
+
+def test_parse_in_an_aborted_transaction_fails_like_postgresql(d):
+    """
+    In an aborted transaction PostgreSQL refuses a Parse (25P02), so the name stays free:
+    after ROLLBACK the same Parse succeeds.  When the server already holds that text the
+    pooler sends a Close of nothing instead, which PostgreSQL accepts even there: the client
+    is told ParseComplete, keeps the name, and its Parse after ROLLBACK is answered 42P05
+    "already exists".
+    """
+    c = login(d)
+    c.send(parse("a", CANARY_SQL, CANARY_TYPES) + SYNC)
+    assert not replies(c)[1]
+    assert c.query("BEGIN") == []
+    with pytest.raises(ServerError):
+        c.query("SELECT 1/0")
+    c.send(parse("b", CANARY_SQL, CANARY_TYPES) + SYNC)
+    assert [e["C"] for e in replies(c)[1]] == ["25P02"]
+    c.query("ROLLBACK")
+    c.send(parse("b", CANARY_SQL, CANARY_TYPES) + bind("b", ["2"]) + execute() + SYNC)
+    kinds, errors, rows = replies(c)
+    assert not errors, describe_errors(errors)
+    assert rows == ["3"]
