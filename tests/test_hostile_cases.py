@@ -298,3 +298,29 @@ def test_parse_in_an_aborted_transaction_fails_like_postgresql(d):
     kinds, errors, rows = replies(c)
     assert not errors, describe_errors(errors)
     assert rows == ["3"]
+
+
+@pytest.mark.timeout(90)
+def test_cancel_that_arrives_as_the_query_ends_spares_the_next_client(d):
+    """
+    A client cancels its own query just as it finishes.  The pooler forwards the cancel
+    (over a new connection to PostgreSQL) while the client still holds the server, the
+    query's ReadyForQuery arrives, the server goes to the canary waiting for it, and the
+    cancel lands on the canary's query: 57014 "canceling statement due to user request"
+    for a client that never asked.  (PgBouncer keeps such a server out of the pool until
+    the cancel has been delivered.)  A race, so tried at many offsets around the end of
+    the query; on the current code it hits within a few tries.
+    """
+    from conftest import Background, send_cancel
+    canary_c = login(d, timeout=10)
+    for attempt in range(40):
+        h = login(d)
+        h.send(query("SELECT pg_sleep(0.2)"))
+        # The canary's query waits for the pool's only server meanwhile.
+        time.sleep(0.05)
+        canary_c.send(query("SELECT pg_sleep(0.3), 'canary'"))
+        time.sleep(0.15 - 0.001 * (attempt % 10) + 0.0005 * (attempt // 10))
+        Background(send_cancel, d.port, *h.backend_key)
+        kinds, errors, rows = replies(canary_c)
+        assert not errors, "attempt %d: canary got %s" % (attempt, describe_errors(errors))
+        h.terminate()
