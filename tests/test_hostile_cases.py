@@ -324,3 +324,21 @@ def test_cancel_that_arrives_as_the_query_ends_spares_the_next_client(d):
         kinds, errors, rows = replies(canary_c)
         assert not errors, "attempt %d: canary got %s" % (attempt, describe_errors(errors))
         h.terminate()
+
+
+@pytest.mark.parametrize("use", ["bind", "describe"])
+def test_names_a_client_never_parsed_do_not_reach_another_clients_statement(d, use):
+    """
+    SQL PREPARE goes to the server as is and stays there after its client leaves.  A Bind
+    (or Describe) of a name this client never Parsed also goes as is, so it finds that
+    other client's statement: the canary runs the hostile client's query (or is told its
+    columns) where PostgreSQL would answer 26000 "does not exist".
+    """
+    hostile(d, query("PREPARE evil AS SELECT 'from the hostile client' AS stolen"))
+    c = login(d)
+    if use == "bind":
+        c.send(bind("evil") + execute() + SYNC)
+    else:
+        c.send(message(b"D", b"Sevil\x00") + SYNC)
+    kinds, errors, rows = replies(c)
+    assert [e["C"] for e in errors] == ["26000"], (kinds, rows, describe_errors(errors))
