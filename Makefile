@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: venv run test test-deps bench profile lint clean
+.PHONY: venv run test test-deps bench profile lint clean soak
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test-deps: venv
 
 test: venv test-deps
 	$(PY) -m pytest -q tests
+
+# Issue 13's long run: hostile clients beside canaries for PGDOORMAN_SOAK_SECONDS (600), 20
+# workers, a fresh seed each time unless PGDOORMAN_HOSTILE_SEED is set (printed on failure).
+PGDOORMAN_SOAK_SECONDS ?= 600
+soak: venv
+	PGDOORMAN_HOSTILE_SECONDS=$(PGDOORMAN_SOAK_SECONDS) \
+	PGDOORMAN_HOSTILE_WORKERS=$${PGDOORMAN_HOSTILE_WORKERS:-20} \
+	PGDOORMAN_HOSTILE_SEED=$${PGDOORMAN_HOSTILE_SEED:-$$(date +%s)} \
+	$(PY) -m pytest -q tests/test_hostile.py
 
 bench: venv
 	$(PY) bench/run.py
