@@ -20,6 +20,11 @@ CloseComplete or ReadyForQuery while prepared statements are remapped:
     error before it means both are skipped.
   - L{QUERY_ERROR}: like L{FAKE_ERROR} for a simple Query that fails on purpose (a DEALLOCATE
     of a name the client never prepared): replaced, and nothing is skipped.
+  - L{CLOSE_NAME}: the client's Close of one of its statements (sent as a Close of nothing):
+    forwarded; if PostgreSQL skips it, the client still has the statement.
+  - L{COPY_END}: not a reply: where the client ended a COPY (CopyDone or CopyFail).  Syncs
+    that reach PostgreSQL during COPY FROM STDIN are ignored (docs 55.2.6), so at the
+    CopyInResponse the Sync entries up to this marker are dropped.
   - L{FORWARD}: a Close of the client's, or its unnamed Parse: the reply goes to the client.
   - L{PARSED}: the client's Parse, sent under the server-side name.
   - L{AS_PARSE}: a Close of a name no server has, standing in for the client's Parse of a
@@ -63,6 +68,8 @@ SWALLOW = 10
 QUERY = 11
 PROBE = 12
 QUERY_ERROR = 13
+COPY_END = 14
+CLOSE_NAME = 15
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 
@@ -92,7 +99,8 @@ class Entry:
 _KIND_NAMES = {SYNC: "SYNC", FORWARD: "FORWARD", PARSED: "PARSED", AS_PARSE: "AS_PARSE",
                INJECTED: "INJECTED", CLOSED: "CLOSED", UNNAMED: "UNNAMED",
                FAKE_ERROR: "FAKE_ERROR", UNNAMED_PARSE: "UNNAMED_PARSE", SWALLOW: "SWALLOW",
-               QUERY: "QUERY", PROBE: "PROBE", QUERY_ERROR: "QUERY_ERROR"}
+               QUERY: "QUERY", PROBE: "PROBE", QUERY_ERROR: "QUERY_ERROR",
+               COPY_END: "COPY_END", CLOSE_NAME: "CLOSE_NAME"}
 
 #: Shared entries that carry nothing of their own.
 SYNC_ENTRY = Entry(SYNC)
@@ -102,6 +110,7 @@ UNNAMED_PARSE_ENTRY = Entry(UNNAMED_PARSE)
 SWALLOW_ENTRY = Entry(SWALLOW)
 QUERY_ENTRY = Entry(QUERY)
 PROBE_ENTRY = Entry(PROBE)
+COPY_END_ENTRY = Entry(COPY_END)
 
 
 class Internal:
@@ -142,7 +151,7 @@ class Link:
     """
 
     __slots__ = ("pending", "dirty", "in_transaction", "expect", "statements", "unnamed",
-                 "replies", "internal", "tainted", "track")
+                 "replies", "internal", "tainted", "track", "status", "copying")
 
     def __init__(self, cache_size: int, track: bool = False):
         #: transaction mode: every message that PostgreSQL answers with ReadyForQuery,
@@ -158,6 +167,10 @@ class Link:
         self.replies = 0
         self.internal: deque = deque()
         self.tainted: Optional[str] = None
+        #: the status byte of the last ReadyForQuery (I, T or E).
+        self.status = 73
+        #: PostgreSQL is in COPY FROM STDIN: it ignores the client's Syncs until CopyDone.
+        self.copying = False
 
     # -- what the server may be given to someone else with ------------------------------------
 
@@ -170,6 +183,40 @@ class Link:
         if self.tainted is None:
             self.tainted = why
 
+    # -- COPY FROM STDIN --------------------------------------------------------------------
+
+    def copy_in(self) -> None:
+        """
+        A CopyInResponse: the Syncs the client sent after the COPY started, up to its
+        CopyDone/CopyFail, are ignored by PostgreSQL and get no ReadyForQuery.
+        """
+        if not self.track:
+            return
+        expect = self.expect
+        keep = []
+        if expect and expect[0].kind == QUERY:
+            keep.append(expect.popleft())  # COPY by a simple Query: that Query's own entry
+        while expect:
+            entry = expect[0]
+            if entry.kind == COPY_END:
+                expect.popleft()
+                break
+            if entry.kind != SYNC:
+                self.taint("%r sent during COPY FROM STDIN" % (entry,))
+                break
+            expect.popleft()
+            self.pending -= 1
+        else:
+            self.copying = True
+        expect.extendleft(reversed(keep))
+
+    def copy_done(self) -> None:
+        """The client sent CopyDone or CopyFail."""
+        if self.copying:
+            self.copying = False
+        elif self.track:
+            self.expect.append(COPY_END_ENTRY)
+
     # -- replies ---------------------------------------------------------------------------
 
     def ready(self) -> None:
@@ -177,6 +224,9 @@ class Link:
         expect = self.expect
         if expect:
             kind = expect[0].kind
+            while kind == COPY_END:  # a CopyDone outside any COPY: PostgreSQL ignores it
+                expect.popleft()
+                kind = expect[0].kind if expect else SYNC
             if kind != SYNC and kind != QUERY:
                 # Messages before this Sync got no reply: they were skipped after an error we
                 # have not seen, or never reached PostgreSQL as we think.
@@ -202,6 +252,12 @@ class Link:
             return None
         entry = expect[0]
         kind = entry.kind
+        while kind == COPY_END:
+            expect.popleft()
+            if not expect:
+                return self.complete()
+            entry = expect[0]
+            kind = entry.kind
         if kind == SYNC or kind == QUERY or kind == FAKE_ERROR or kind == QUERY_ERROR:
             self.taint("ParseComplete/CloseComplete where %r was expected" % (entry,))
             return None
@@ -216,7 +272,7 @@ class Link:
             return PARSE_COMPLETE
         if kind == SWALLOW or kind == CLOSED or kind == UNNAMED or kind == PROBE:
             return b""
-        return None  # FORWARD, UNNAMED_PARSE
+        return None  # FORWARD, UNNAMED_PARSE, CLOSE_NAME
 
     def error(self, message: bytes, names: Optional[Dict[bytes, Statement]]) -> Optional[bytes]:
         """
@@ -227,6 +283,8 @@ class Link:
         """
         expect = self.expect
         replace = None
+        while expect and expect[0].kind == COPY_END:
+            expect.popleft()
         if expect:
             kind = expect[0].kind
             if kind == QUERY_ERROR:
@@ -257,6 +315,9 @@ class Link:
             kind = entry.kind
             if kind == QUERY:
                 self.pending -= 1
+            elif kind == CLOSE_NAME:
+                if entry.name not in entry.names:
+                    entry.names[entry.name] = entry.stmt
             elif kind == PARSED or kind == AS_PARSE:
                 names = entry.names
                 if names is not None and names.get(entry.name) is entry.stmt:

@@ -135,6 +135,11 @@ class Pool:
     def checkin(self, server) -> None:
         """A client is done with C{server}; hand it to the next waiting client or keep it."""
         server.client = None
+        if server.cancels:
+            # A cancel for the last client's query is on its way: it would land on the
+            # next client's (PgBouncer holds such servers back too).
+            server.release_after_cancel = True
+            return
         now = _monotonic()
         started = server.assigned_at
         if started:

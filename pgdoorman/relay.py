@@ -35,10 +35,11 @@ _SYNC = messages.SYNC
 _FUNCTION_CALL = messages.FUNCTION_CALL
 _TERMINATE = messages.TERMINATE
 _EXECUTE = messages.EXECUTE
-#: Valid messages that need nothing from the relay: COPY data from the client, and Flush
-#: (drivers send it after a Sync too, and on its own it starts nothing on the server that
-#: would keep it from going back to the pool).
-_PASS = frozenset((messages.COPY_DATA, messages.COPY_DONE, messages.COPY_FAIL, messages.FLUSH))
+#: Valid messages that need nothing from the relay: COPY data from the client.
+_PASS = frozenset((messages.COPY_DATA,))
+_COPY_DONE = messages.COPY_DONE
+_COPY_FAIL = messages.COPY_FAIL
+_FLUSH = messages.FLUSH
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
 #: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
@@ -188,10 +189,24 @@ class Relay:
         link = client.server.link
         remap = self.remap
         if code == _SYNC:
+            if link.copying:
+                return None  # PostgreSQL ignores a Sync during COPY FROM STDIN
             link.pending += 1
             link.dirty = False
             if self._tx:
                 link.expect.append(SYNC_ENTRY)
+            return None
+        if code == _FLUSH:
+            # Drivers send Flush after a Sync too; on its own it starts nothing that would
+            # keep the server from going back to the pool.  One with a body is an error in
+            # PostgreSQL that would leave the server skipping to a Sync: not passed on.
+            if end - pos != 5:
+                client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                            "invalid message format (Flush with a body)"))
+                return STOP
+            return None
+        if code == _COPY_DONE or code == _COPY_FAIL:
+            link.copy_done()
             return None
         if code == _QUERY:
             return self._query(data, pos, end, n, link)

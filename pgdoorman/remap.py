@@ -25,6 +25,7 @@ from pgdoorman.protocol import messages
 _uint32 = struct.Struct("!I")
 _unpack_len = _uint32.unpack_from
 _KIND_STATEMENT = ord("S")
+_FAILED = ord("E")
 _PARSE = messages.PARSE
 _SYNC = messages.SYNC
 _SYNC_ENTRY = _link.SYNC_ENTRY
@@ -52,6 +53,10 @@ class Remapper:
     def parse(self, data: bytes, pos: int, end: int, link) -> Optional[bytes]:
         nul = data.index(b"\x00", pos + 5, end)
         expect = link.expect
+        if may_drop_statements(data[nul + 1:end]):
+            # DEALLOCATE/DISCARD as a prepared statement: once it runs, this server's record
+            # of its statements can no longer be trusted.
+            link.taint("statements dropped by a statement pgdoorman does not parse")
         if nul == pos + 5:
             # The unnamed statement goes as is; remember it, in case the client Binds it after
             # a Sync, when its server may have gone to another client meanwhile.
@@ -67,7 +72,9 @@ class Remapper:
         cache = self.cache
         stmt = cache.get(data[nul + 1:end])
         names[name] = stmt
-        if stmt.name in link.statements:
+        if link.status != _FAILED and stmt.name in link.statements:
+            # (In a failed transaction PostgreSQL refuses a Parse, 25P02, but not a Close:
+            # then the real Parse goes, to fail as it would.)
             cache.hits += 1
             expect.append(Entry(_link.AS_PARSE, names, name, stmt))
             return CLOSE_NOTHING
@@ -104,16 +111,22 @@ class Remapper:
         return prefix + describe if prefix else describe
 
     def close(self, data: bytes, pos: int, end: int, link) -> Optional[bytes]:
-        link.expect.append(_FORWARD_ENTRY)
         if data[pos + 5] != _KIND_STATEMENT:
+            link.expect.append(_FORWARD_ENTRY)
             return None
         # Forget the client's name; the server's copy stays for others.  PostgreSQL answers
-        # a Close of a name it does not have with CloseComplete too, and so does ours.
+        # a Close of a name it does not have with CloseComplete too, and so does ours.  If
+        # PostgreSQL skips the Close (an error before it), the name is the client's again.
         name = data[pos + 6:end - 1]
         if not name:
+            link.expect.append(_FORWARD_ENTRY)
             self.unnamed = None
             return None
-        self.names.pop(name, None)
+        stmt = self.names.pop(name, None)
+        if stmt is None:
+            link.expect.append(_FORWARD_ENTRY)
+        else:
+            link.expect.append(Entry(_link.CLOSE_NAME, self.names, name, stmt))
         return CLOSE_NOTHING
 
     # -- helpers -------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ _E = messages.ERROR_RESPONSE
 _IDLE = ord("I")
 
 #: Messages the relay must read (they are all tiny): ReadyForQuery, ParameterStatus,
-#: ErrorResponse, ParseComplete, CloseComplete.  Everything else passes through unread.
-_INSPECT = frozenset((_Z, _S, _E, ord("1"), ord("3")))
+#: ErrorResponse, ParseComplete, CloseComplete, CopyInResponse.  Everything else passes
+#: through unread.
+_G = ord("G")
+_INSPECT = frozenset((_Z, _S, _E, ord("1"), ord("3"), _G))
 #: While the replies of a query of the pooler's own arrive: every message (they are dropped).
 _EVERYTHING = frozenset(range(256))
 
@@ -85,6 +87,10 @@ class ServerConnection(protocol.Protocol):
         self.link = Link(settings.server_prepared_statements_cache_size or 0,
                          track=settings.pool_mode == "transaction")
         self._scanner = Scanner(self._reply, _INSPECT)
+        #: cancel requests sent for this server and not yet through: until they are, it goes
+        #: to nobody else (the cancel would land on the next client's query).
+        self.cancels = 0
+        self.release_after_cancel = False
         self._messages = MessageBuffer()
         self._release = False
         self._scram: Optional[_scram.ScramClient] = None
@@ -302,7 +308,8 @@ class ServerConnection(protocol.Protocol):
             return self._internalReply(code, data, pos, end, link)
         if code == _Z:
             link.ready()
-            link.in_transaction = data[pos + 5] != _IDLE
+            status = link.status = data[pos + 5]
+            link.in_transaction = status != _IDLE
             # Query latency: from the query's send (or the previous reply, in a pipeline) to
             # its ReadyForQuery; one clock read per query.
             now = _monotonic()
@@ -319,6 +326,9 @@ class ServerConnection(protocol.Protocol):
             return None
         if code == _S:
             self._parameterStatus(data, pos, end, self.client)
+            return None
+        if code == _G:
+            link.copy_in()
             return None
         if code == _E:
             if link.expect:
@@ -449,8 +459,33 @@ class ServerConnection(protocol.Protocol):
                     self.transport.loseConnection()
                 self.dataReceived = lambda data: None
 
-        f.protocol = _Cancel
+        server = self
+        self.cancels += 1
+
+        def delivered(*ignored):
+            # PostgreSQL has signalled the backend once it closes the cancel connection (or
+            # the cancel never got through): the server may go to another client now.
+            if f.done:
+                return
+            f.done = True
+            server.cancel_delivered()
+
+        class _Tracked(_Cancel):
+            def connectionLost(self, reason=None):
+                delivered()
+
+        f.done = False
+        f.protocol = _Tracked
+        f.clientConnectionFailed = delivered
         connect(s.server_host, s.server_port, f, s.connect_timeout)
+
+    def cancel_delivered(self) -> None:
+        """A cancel sent for this server is through; a release that waited for it goes on."""
+        self.cancels -= 1
+        if not self.cancels and self.release_after_cancel:
+            self.release_after_cancel = False
+            if self.client is None and not self.closing:
+                self.pool.checkin(self)
 
     def close(self) -> None:
         """Terminate politely; the pool hears of it through connectionLost."""
