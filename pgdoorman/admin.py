@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pgdoorman import __version__
+from pgdoorman import __version__, logs
 from pgdoorman.protocol import errors, messages
 
 __all__ = ["AdminSession", "AdminConsole", "AdminError", "Result", "parse_command"]
@@ -576,8 +576,7 @@ class AdminConsole:
                       [aq.row() for aq in _auth_query.all_queries(self.pools)])
 
     def show_log_level(self) -> Result:
-        from pgdoorman import service as _service
-        return Result("SHOW", [("log_level", "s")], [(_service.get_log_level(),)])
+        return Result("SHOW", [("log_level", "s")], [(logs.get_level(),)])
 
     def show_connections(self) -> Result:
         errs = self.pools.errors
@@ -705,9 +704,8 @@ class AdminConsole:
         if key in _FAKE_PARAMS:
             return Result("SET", notices=[_notice("SET ignored")])
         if key == "log_level":
-            from pgdoorman import service as _service
             try:
-                _service.set_log_level(value or "")
+                logs.set_level(value or "")
             except ValueError as e:
                 raise AdminError(str(e), "22023")
             self.log.info("log_level set to {name} from the admin console", name=value)

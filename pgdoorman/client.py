@@ -184,8 +184,7 @@ class ClientConnection(protocol.Protocol):
         self.scram_client_key = scram_client_key
         self.transport.write(messages.authentication_ok())
         if s.database in ADMIN_DATABASES:
-            from pgdoorman.admin import AdminSession
-            AdminSession(self)
+            self.factory.admin_session(self)
             return
         pool = self.service.get_pool(s.database, s.user)
         self._joinPool(pool, scram_client_key)
@@ -461,12 +460,18 @@ class ClientConnection(protocol.Protocol):
 
 
 class ClientFactory(protocol.Factory):
-    """Accepts clients on the listening port and counts them for max_connections."""
+    """
+    Accepts clients on the listening port and counts them for max_connections.
+
+    @param admin_session: what an admin console login becomes (L{pgdoorman.admin.AdminSession},
+        given by the service: the client side does not import the console).
+    """
 
     noisy = False
 
-    def __init__(self, service):
+    def __init__(self, service, admin_session=None):
         self.service = service
+        self.admin_session = admin_session
         self.connections = 0
 
     def buildProtocol(self, addr):

@@ -56,7 +56,8 @@ class PgDoormanService(service.MultiService):
         self.config = config
         self.pools = PoolService(config)
         self.pools.setServiceParent(self)
-        self.factory = ClientFactory(self.pools)
+        from pgdoorman.admin import AdminSession
+        self.factory = ClientFactory(self.pools, AdminSession)
         g = config.general
         from pgdoorman import upgrade
         #: set when this process replaces a running one (zero-downtime upgrade): the listening
