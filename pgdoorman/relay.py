@@ -53,6 +53,7 @@ _EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
 #: First bytes of a simple query that the pooler may answer alone (BEGIN, START TRANSACTION,
 #: the ";" check query); COMMIT/ROLLBACK only matter after a deferred BEGIN.
 _MAYBE_ALONE = frozenset(b"bBsS;")
+_S = frozenset(b"sS")  # of those, START TRANSACTION (and not SELECT) is the one to look at
 
 
 class Relay:
@@ -96,7 +97,8 @@ class Relay:
             return
         if self._tx and self.scanner.between_messages and len(data) > 5:
             first = data[0]
-            if first == _QUERY and (data[5] in _MAYBE_ALONE or self.deferred_begin is not None) \
+            if first == _QUERY and (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
+                                    and (data[5] not in _S or data[5:11].lower() == b"start ")) \
                     and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
                 return
             if first == _PARSE and self.remap is not None:
