@@ -421,6 +421,20 @@ def run_hostile(pg, pgdoorman, hostile_db, tmp_path, seed, seconds, workers,
         i = log.find("Traceback") if "Traceback" in log else log.find("Unhandled")
         problems.append("pgdoorman logged a traceback:\n%s" % log[max(0, i - 500):i + 2500])
 
+    if problems and d.alive():
+        # What the servers were doing, for the diagnosis.
+        with pg.connect_super() as conn:
+            rows = conn.execute(
+                "SELECT pid, state, wait_event, left(query, 60) FROM pg_stat_activity "
+                "WHERE usename = %s AND backend_type = 'client backend'", [user]).fetchall()
+        problems.append("the user's backends at the end: %r" % (rows,))
+        if pid:
+            import psycopg
+            with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as a:
+                cur = a.execute("SHOW SERVERS")
+                names = [c.name for c in cur.description]
+                problems.append("SHOW SERVERS at the end: %r" % (
+                    [dict(zip(names, r)) for r in cur.fetchall()],))
     if problems:
         first = min([at for at, _, _ in canaries.errors] or [time.monotonic()])
         recent = [(round(s - started, 2), round(e - started, 2), w, k, sd)
