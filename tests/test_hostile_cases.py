@@ -342,3 +342,33 @@ def test_names_a_client_never_parsed_do_not_reach_another_clients_statement(d, u
         c.send(message(b"D", b"Sevil\x00") + SYNC)
     kinds, errors, rows = replies(c)
     assert [e["C"] for e in errors] == ["26000"], (kinds, rows, describe_errors(errors))
+
+
+@pytest.mark.parametrize("first", ["other_datestyle", "deferred_begin"])
+@pytest.mark.parametrize("bad", [BOGUS, b"Q" + struct.pack("!I", 0xFFFFFFFF)],
+                         ids=["unknown_type", "huge_length"])
+def test_fatal_first_message_leaves_no_internal_query_behind(d, first, bad):
+    """
+    A client whose parameters differ from the server's (another DateStyle), or who
+    sent a lone BEGIN (answered without a server), gets a server with a query of the
+    pooler's own put in front of its messages (SET ..., or the deferred BEGIN).  When the
+    first message is fatal, that query is never sent, yet its replies are still awaited:
+    the server goes back to the pool, and the canary's replies are swallowed as the
+    pooler's own; the canary hangs.
+    """
+    canary = Canary(d)
+    if first == "other_datestyle":
+        h = RawClient(d.port, timeout=5).startup(d.user, DB, d.password,
+                                                  DateStyle="SQL, DMY")
+        canary.round()  # the server is back to the canary's DateStyle
+    else:
+        h = login(d)
+        assert h.query("BEGIN") == []
+    h.send(bad)
+    try:
+        h.read_error_then_close()
+    except (OSError, ConnectionClosed):
+        pass
+    h.close()
+    took = canary.round()
+    assert took < 3, "the canary waited %.1fs" % took
