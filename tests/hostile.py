@@ -103,10 +103,10 @@ CANARY_SQL = [
     "UPDATE hostile_canary SET v = v + 1 WHERE id = $1 RETURNING v",
 ]
 
-#: A psycopg 3 session with prepare_threshold=0 in pipeline mode, message for message as
-#: psycopg 3.3 sends it (one Parse per new statement named _pg3_N with its parameter types,
+#: A session shaped like psycopg 3's with prepare_threshold=0 in pipeline mode (built by
+#: hand, not recorded): one Parse per new statement named _pg3_N with its parameter types,
 #: Describe of it, Bind/Describe portal/Execute, a Sync at the pipeline's end, BEGIN/COMMIT
-#: as simple queries, Close of an evicted statement).
+#: as simple queries, Close of an evicted statement.
 PSYCOPG_SESSION = b"".join([
     parse("_pg3_0", "SELECT $1::int + 1", [20]), describe(b"S", "_pg3_0"),
     bind("_pg3_0", ["1"]), describe(b"P", ""), execute(),
