@@ -321,6 +321,11 @@ def run_hostile(pg, pgdoorman, hostile_db, tmp_path, seed, seconds, workers,
     kinds = kinds or sorted(hostile.ATTACKS)
     problems = []
 
+    # A real psycopg session's bytes, recorded against PostgreSQL itself, for the replays.
+    recorded = hostile.record_psycopg_session(pg.host, pg.port, user, password, DB)
+    assert b"_pg3_0" in recorded and recorded.endswith(hostile.TERMINATE), recorded[:200]
+    hostile.SESSIONS[1:] = [recorded]
+
     # Warm up: the pool's servers exist, the canaries' statements are known.
     with d.connect(user, DB, password, prepare_threshold=0) as conn:
         for i in range(3):
