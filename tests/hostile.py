@@ -103,10 +103,10 @@ CANARY_SQL = [
     "UPDATE hostile_canary SET v = v + 1 WHERE id = $1 RETURNING v",
 ]
 
-#: A psycopg 3 session with prepare_threshold=0 in pipeline mode, message for message as
-#: psycopg 3.3 sends it (one Parse per new statement named _pg3_N with its parameter types,
+#: A session shaped like psycopg 3's with prepare_threshold=0 in pipeline mode (built by
+#: hand, not recorded): one Parse per new statement named _pg3_N with its parameter types,
 #: Describe of it, Bind/Describe portal/Execute, a Sync at the pipeline's end, BEGIN/COMMIT
-#: as simple queries, Close of an evicted statement).
+#: as simple queries, Close of an evicted statement.
 PSYCOPG_SESSION = b"".join([
     parse("_pg3_0", "SELECT $1::int + 1", [20]), describe(b"S", "_pg3_0"),
     bind("_pg3_0", ["1"]), describe(b"P", ""), execute(),
@@ -123,6 +123,76 @@ PSYCOPG_SESSION = b"".join([
     close(b"S", "_pg3_1"), SYNC,
     TERMINATE,
 ])
+
+
+#: The sessions replay_mutated picks from: the hand-built one, and whatever
+#: L{record_psycopg_session} recorded (tests/test_hostile.py records one per run).
+SESSIONS = [PSYCOPG_SESSION]
+
+
+def record_psycopg_session(host, port, user, password, dbname):
+    """
+    Run a real psycopg 3 session (prepare_threshold=0: a pipeline, a transaction, plain
+    executes) through a relay to C{host}:C{port} and return the frontend bytes it sent
+    after authentication: the session as psycopg really sends it, for replay_mutated.
+    """
+    import threading
+
+    import psycopg
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sent = []
+
+    def relay():
+        client, _ = listener.accept()
+        server = socket.create_connection((host, port))
+
+        def pump(src, dst, record):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if record:
+                        sent.append(data)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        back = threading.Thread(target=pump, args=(server, client, False), daemon=True)
+        back.start()
+        pump(client, server, True)
+        back.join(5)
+        client.close()
+        server.close()
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    dsn = "host=127.0.0.1 port=%d user=%s password=%s dbname=%s sslmode=disable" % (
+        listener.getsockname()[1], user, password, dbname)
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        with conn.pipeline():
+            conn.execute("SELECT %s::int + 1", [1])
+            conn.execute("SELECT v FROM hostile_canary WHERE id = %s", [1])
+            conn.execute("SELECT %s::int + 1", [2])
+        with conn.transaction():
+            conn.execute("UPDATE hostile_canary SET v = v + 1 WHERE id = %s RETURNING v", [3])
+        conn.execute("SELECT v FROM hostile_canary WHERE id = %s", [4]).fetchone()
+    t.join(10)
+    listener.close()
+    data = b"".join(sent)
+    # The StartupMessage (no type byte), then password messages: keep what follows.
+    (length,) = struct.unpack("!I", data[:4])
+    msgs = [m for m in split_frontend(data[length:]) if m[:1] != b"p"]
+    return b"".join(msgs)
 
 
 # -- the context of one attack ------------------------------------------------------------------
@@ -485,7 +555,7 @@ def replay_mutated(ctx):
     """A real psycopg pipeline session's bytes, with random mutations, cut at a random point."""
     c = ctx.connect()
     rng = ctx.rng
-    msgs = split_frontend(PSYCOPG_SESSION)
+    msgs = split_frontend(rng.choice(SESSIONS))
     for _ in range(rng.randint(0, 4)):
         i = rng.randrange(len(msgs))
         op = rng.choice(["flip", "drop", "dup", "swap", "truncate"])
@@ -668,7 +738,7 @@ def well_formed_then_die(ctx):
     """A correct named-statement session (like a canary's), killed at a random byte."""
     c = ctx.connect()
     rng = ctx.rng
-    data = b"".join(m for m in split_frontend(PSYCOPG_SESSION) if m != TERMINATE)
+    data = b"".join(m for m in split_frontend(rng.choice(SESSIONS)) if m != TERMINATE)
     cut = rng.randint(0, len(data))
     c.send(data[:cut])
     ctx.drain(c, rng.uniform(0, 0.3))

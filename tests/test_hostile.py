@@ -321,6 +321,11 @@ def run_hostile(pg, pgdoorman, hostile_db, tmp_path, seed, seconds, workers,
     kinds = kinds or sorted(hostile.ATTACKS)
     problems = []
 
+    # A real psycopg session's bytes, recorded against PostgreSQL itself, for the replays.
+    recorded = hostile.record_psycopg_session(pg.host, pg.port, user, password, DB)
+    assert b"_pg3_0" in recorded and recorded.endswith(hostile.TERMINATE), recorded[:200]
+    hostile.SESSIONS[1:] = [recorded]
+
     # Warm up: the pool's servers exist, the canaries' statements are known.
     with d.connect(user, DB, password, prepare_threshold=0) as conn:
         for i in range(3):
@@ -421,6 +426,20 @@ def run_hostile(pg, pgdoorman, hostile_db, tmp_path, seed, seconds, workers,
         i = log.find("Traceback") if "Traceback" in log else log.find("Unhandled")
         problems.append("pgdoorman logged a traceback:\n%s" % log[max(0, i - 500):i + 2500])
 
+    if problems and d.alive():
+        # What the servers were doing, for the diagnosis.
+        with pg.connect_super() as conn:
+            rows = conn.execute(
+                "SELECT pid, state, wait_event, left(query, 60) FROM pg_stat_activity "
+                "WHERE usename = %s AND backend_type = 'client backend'", [user]).fetchall()
+        problems.append("the user's backends at the end: %r" % (rows,))
+        if pid:
+            import psycopg
+            with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as a:
+                cur = a.execute("SHOW SERVERS")
+                names = [c.name for c in cur.description]
+                problems.append("SHOW SERVERS at the end: %r" % (
+                    [dict(zip(names, r)) for r in cur.fetchall()],))
     if problems:
         first = min([at for at, _, _ in canaries.errors] or [time.monotonic()])
         recent = [(round(s - started, 2), round(e - started, 2), w, k, sd)

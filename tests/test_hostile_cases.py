@@ -135,7 +135,9 @@ def test_deallocate_all_hidden_in_a_simple_query(d, sql):
     """
     DEALLOCATE ALL / DISCARD ALL among other statements of one Query (or after a comment)
     drops the server's statements just the same; the pooler must notice (or prevent it),
-    or the next client's Bind finds nothing: 26000 "does not exist".
+    or the next client's Bind finds nothing: 26000 "does not exist".  ("DISCARD ALL; SELECT
+    1" passes today: PostgreSQL refuses DISCARD ALL in a multi-statement Query, so a fix
+    that forgets the statements for any query mentioning it would break it.)
     """
     canary = Canary(d)
     hostile(d, query(sql))
@@ -342,3 +344,33 @@ def test_names_a_client_never_parsed_do_not_reach_another_clients_statement(d, u
         c.send(message(b"D", b"Sevil\x00") + SYNC)
     kinds, errors, rows = replies(c)
     assert [e["C"] for e in errors] == ["26000"], (kinds, rows, describe_errors(errors))
+
+
+@pytest.mark.parametrize("first", ["other_datestyle", "deferred_begin"])
+@pytest.mark.parametrize("bad", [BOGUS, b"Q" + struct.pack("!I", 0xFFFFFFFF)],
+                         ids=["unknown_type", "huge_length"])
+def test_fatal_first_message_leaves_no_internal_query_behind(d, first, bad):
+    """
+    A client whose parameters differ from the server's (another DateStyle), or who
+    sent a lone BEGIN (answered without a server), gets a server with a query of the
+    pooler's own put in front of its messages (SET ..., or the deferred BEGIN).  When the
+    first message is fatal, that query is never sent, yet its replies are still awaited:
+    the server goes back to the pool, and the canary's replies are swallowed as the
+    pooler's own; the canary hangs.
+    """
+    canary = Canary(d)
+    if first == "other_datestyle":
+        h = RawClient(d.port, timeout=5).startup(d.user, DB, d.password,
+                                                  DateStyle="SQL, DMY")
+        canary.round()  # the server is back to the canary's DateStyle
+    else:
+        h = login(d)
+        assert h.query("BEGIN") == []
+    h.send(bad)
+    try:
+        h.read_error_then_close()
+    except (OSError, ConnectionClosed):
+        pass
+    h.close()
+    took = canary.round()
+    assert took < 3, "the canary waited %.1fs" % took
