@@ -151,7 +151,7 @@ class Link:
     """
 
     __slots__ = ("pending", "dirty", "in_transaction", "expect", "statements", "unnamed",
-                 "replies", "internal", "tainted", "track", "status", "copying")
+                 "replies", "internal", "tainted", "track", "status", "copying", "skipping")
 
     def __init__(self, cache_size: int, track: bool = False):
         #: transaction mode: every message that PostgreSQL answers with ReadyForQuery,
@@ -171,6 +171,9 @@ class Link:
         self.status = 73
         #: PostgreSQL is in COPY FROM STDIN: it ignores the client's Syncs until CopyDone.
         self.copying = False
+        #: an error put PostgreSQL in skip-to-Sync before the client sent its Sync: what the
+        #: client sends until then gets no replies, only the Sync its ReadyForQuery.
+        self.skipping = False
 
     # -- what the server may be given to someone else with ------------------------------------
 
@@ -228,12 +231,14 @@ class Link:
                 expect.popleft()
                 kind = expect[0].kind if expect else SYNC
             if kind != SYNC and kind != QUERY:
-                # Messages before this Sync got no reply: they were skipped after an error we
-                # have not seen, or never reached PostgreSQL as we think.
-                self.taint("ReadyForQuery before the replies to %r" % (expect[0],))
+                if not self.skipping:
+                    # Messages before this Sync got no reply, yet no error came: they never
+                    # reached PostgreSQL as we think.
+                    self.taint("ReadyForQuery before the replies to %r" % (list(expect)[:4],))
                 self.skipped()
             if expect:
                 expect.popleft()
+        self.skipping = False
         if self.pending <= 0:
             self.taint("ReadyForQuery nobody asked for")
         else:
@@ -285,6 +290,13 @@ class Link:
         replace = None
         while expect and expect[0].kind == COPY_END:
             expect.popleft()
+        if names and PREFIX in message:
+            # Speak of the client's names (before the skip below forgets the failed ones).
+            body = message[5:]
+            for cname, stmt in names.items():
+                if stmt.name in body:
+                    body = body.replace(stmt.name, cname)
+            replace = b"E" + _uint32.pack(len(body) + 4) + body
         if expect:
             kind = expect[0].kind
             if kind == QUERY_ERROR:
@@ -293,12 +305,10 @@ class Link:
                 if kind == FAKE_ERROR:
                     replace = expect[0].reply
                 self.skipped()
-        if replace is None and names and PREFIX in message:
-            body = message[5:]
-            for cname, stmt in names.items():
-                if stmt.name in body:
-                    body = body.replace(stmt.name, cname)
-            replace = b"E" + _uint32.pack(len(body) + 4) + body
+        elif self.track:
+            # An extended-protocol message failed and its Sync is not sent yet.
+            self.dirty = True
+            self.skipping = True
         return replace
 
     def skipped(self) -> None:
@@ -332,6 +342,7 @@ class Link:
                 self.unnamed = None
         if not expect:
             self.dirty = True
+            self.skipping = True
 
     # -- the pooler's own queries -----------------------------------------------------------
 

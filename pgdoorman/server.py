@@ -331,7 +331,9 @@ class ServerConnection(protocol.Protocol):
             link.copy_in()
             return None
         if code == _E:
-            if link.expect:
+            if link.track:
+                # (With nothing queued, the error is an extended-protocol message's: Bind,
+                # Execute and Describe have no entries.  PostgreSQL now skips to a Sync.)
                 client = self.client
                 return link.error(data[pos:end], client.remap.names
                                   if client is not None and client.remap is not None else None)

@@ -120,3 +120,29 @@ def test_errors_speak_of_the_clients_names():
                             % s.name.decode())
     out = link.error(text, {b"mine": s})
     assert b"mine" in out and s.name not in out
+
+
+def test_messages_sent_after_an_error_before_the_sync_are_skipped_quietly():
+    """Bind/Execute fail (no entries queued), then the client's Close+Parse and Sync."""
+    link = Link(10, track=True)
+    s = stmt("SELECT 7")
+    names = {b"s": s}
+    assert link.error(ERR, names) is None
+    assert link.skipping and link.dirty
+    link.statements.add(s.name)
+    link.expect.extend([L.SWALLOW_ENTRY, Entry(L.PARSED, names, b"s", s), L.SYNC_ENTRY])
+    link.pending = 1
+    link.dirty = False
+    link.ready()  # PostgreSQL skipped the Close and Parse: only the Sync is answered
+    assert link.tainted is None and link.settled()
+    assert names == {} and s.name not in link.statements
+
+
+def test_error_text_speaks_of_a_failed_parse_by_the_clients_name():
+    link = Link(10, track=True)
+    s = stmt("SELECT nope")
+    names = {b"mine": s}
+    link.expect.extend([L.SWALLOW_ENTRY, Entry(L.PARSED, names, b"mine", s), L.SYNC_ENTRY])
+    text = M.error_response("ERROR", "42703", 'column "nope" in "%s"' % s.name.decode())
+    out = link.error(text, names)
+    assert b"mine" in out and s.name not in out and names == {}
