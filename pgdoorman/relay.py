@@ -165,9 +165,13 @@ class Relay:
             out = self.scanner.feed(data)
         except FramingError as e:
             client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION, str(e)))
-            return
+            out = None
         if client.closed and not self.terminate:
-            return  # ended by what it sent (an unknown message type): none of it goes on
+            # Ended by what it sent (an unknown message type): none of it goes on, but the
+            # pooler's own queries already registered on the link do, to keep it true.
+            if ahead:
+                server.send(ahead)
+            return
         if before == 0 and link.pending:
             server.query_start = _monotonic()
         client.query_count += link.pending - before
