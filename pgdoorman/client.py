@@ -330,7 +330,7 @@ class ClientConnection(protocol.Protocol):
         if server.closing:
             return
         link = server.link
-        if link.pending or link.dirty or link.tainted or link.expect or link.internal or \
+        if not link.settled() or \
                 (self.relay is not None and not self.relay.scanner.between_messages):
             # Replies are still on their way, a message is half sent or the record of the
             # server's state is in doubt: nobody else can use this connection safely.

@@ -180,7 +180,7 @@ class Link:
     def settled(self) -> bool:
         """Every reply is in and nothing is half done: the next client may have this server."""
         return (not self.pending and not self.dirty and not self.expect and not self.internal
-                and self.tainted is None)
+                and self.tainted is None and not self.copying)
 
     def taint(self, why: str) -> None:
         if self.tainted is None:

@@ -441,6 +441,7 @@ def run_hostile(pg, pgdoorman, hostile_db, tmp_path, seed, seconds, workers,
                 problems.append("SHOW SERVERS at the end: %r" % (
                     [dict(zip(names, r)) for r in cur.fetchall()],))
     if problems:
+        open("/tmp/hostile_pgdoorman.log", "w").write(log)
         first = min([at for at, _, _ in canaries.errors] or [time.monotonic()])
         recent = [(round(s - started, 2), round(e - started, 2), w, k, sd)
                   for s, e, w, k, sd in hostiles.log if s <= first and e >= first - 3]

@@ -374,3 +374,23 @@ def test_fatal_first_message_leaves_no_internal_query_behind(d, first, bad):
     h.close()
     took = canary.round()
     assert took < 3, "the canary waited %.1fs" % took
+
+
+def test_copy_abandoned_after_its_sync_does_not_hand_a_copying_server_on(d, pg):
+    """
+    COPY FROM STDIN by Parse/Bind/Execute/Sync, then the client leaves in the middle of its
+    data.  PostgreSQL ignored the Sync (copy-in), so nothing is owed by the count, yet the
+    server is still reading COPY data: it must not go to the canary, whose Bind would be
+    "unexpected message type 0x42 during COPY from stdin".
+    """
+    pg.psql("CREATE TABLE IF NOT EXISTS hostile_copy (v int); "
+            'GRANT ALL ON hostile_copy TO "%s"' % d.user, db=DB)
+    h = login(d)
+    h.send(parse("", "COPY hostile_copy (v) FROM STDIN") + bind("") + execute() + SYNC)
+    kinds = [h.recv_msg()[0] for _ in range(3)]
+    assert kinds == [b"1", b"2", b"G"], kinds
+    h.send(message(b"d", b"1\n"))
+    h.close()
+    time.sleep(0.3)
+    canary = Canary(d)
+    canary.round()
