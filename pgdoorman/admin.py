@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import struct
 import time
+from collections import deque
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
@@ -24,6 +25,10 @@ from twisted.logger import Logger
 
 from pgdoorman import __version__, logs
 from pgdoorman.protocol import errors, messages
+from pgdoorman.protocol.framing import FramingError, MessageBuffer
+
+#: An admin command is small; a client may not make the console hold more of one than this.
+ADMIN_MESSAGE_LIMIT = 1024 * 1024
 
 __all__ = ["AdminSession", "AdminConsole", "AdminError", "Result", "parse_command"]
 
@@ -800,7 +805,9 @@ class AdminSession:
         self.client = client
         self.console = console or AdminConsole(client.service)
         self.transport = client.transport
-        self._buf = b""
+        #: whole messages read (protocol.framing), and those waiting behind a slow command.
+        self._messages = MessageBuffer(ADMIN_MESSAGE_LIMIT)
+        self._pending: deque = deque()
         self._busy = False
         self._skip = False            # after an error in the extended protocol, until Sync
         self._statements: Dict[bytes, str] = {}
@@ -829,25 +836,17 @@ class AdminSession:
     # -- framing ------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) > 1024 * 1024:
-            self._fatal("admin command too long")
+        try:
+            self._pending.extend(self._messages.feed(data))
+        except FramingError as e:
+            self._fatal("admin command too long" if "too long" in str(e) else str(e))
             return
         self._drain()
 
     def _drain(self) -> None:
-        while not self._busy and not self.client.closed:
-            buf = self._buf
-            if len(buf) < 5:
-                return
-            (length,) = _uint32.unpack_from(buf, 1)
-            if length < 4:
-                self._fatal("invalid message length %d" % length)
-                return
-            if len(buf) < 1 + length:
-                return
-            code, payload = buf[0], buf[5:1 + length]
-            self._buf = buf[1 + length:]
+        pending = self._pending
+        while pending and not self._busy and not self.client.closed:
+            code, payload = pending.popleft()
             try:
                 d = self._message(code, payload)
             except AdminError as e:
