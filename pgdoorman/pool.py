@@ -375,7 +375,7 @@ class Pool:
                         wait_time=int(st.wait_time * 1e6),
                         client_parse_count=(statements.hits + statements.misses
                                             - statements.reparses),
-                        server_parse_count=statements.misses, bind_count=0,
+                        server_parse_count=statements.misses, bind_count=statements.binds,
                         client_connect_count=st.client_connect_count)
 
     def max_wait_now(self, now: Optional[float] = None) -> float:

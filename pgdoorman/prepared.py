@@ -93,6 +93,8 @@ class StatementCache:
         #: of the misses, those injected before a Bind/Describe (no client Parse behind them).
         self.reparses = 0
         self.evictions = 0
+        #: Binds of named statements sent on (SHOW STATS bind_count, as PgBouncer counts).
+        self.binds = 0
 
     def get(self, body: bytes) -> Statement:
         name = server_name(body)

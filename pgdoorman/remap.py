@@ -92,6 +92,7 @@ class Remapper:
         stmt = self.names.get(data[s_start:s_end])
         if stmt is None:
             return self._unknown(link, data[s_start:s_end])
+        self.cache.binds += 1
         prefix = self._ensure(link, stmt)
         payload = data[pos + 5:s_start] + stmt.name + data[s_end:end]
         bind = b"B" + _uint32.pack(len(payload) + 4) + payload

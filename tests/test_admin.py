@@ -128,6 +128,7 @@ def test_stats_parse_counts_are_exact(pgdoorman, pg, cfg):
     row = [r for r in show(d, "STATS") if r["database"] == "db1"][0]
     assert row["total_client_parse_count"] == 1
     assert row["total_server_parse_count"] == 2
+    assert row["total_bind_count"] == 2  # the two executions of the named statement
     a.close()
     b.close()
 
