@@ -382,6 +382,9 @@ class AuthQuery:
         done = defer.Deferred()
         lookup = _Lookup(server, done)
         server.client = lookup
+        # The lookup's messages go out as they are, not through a client's relay: only the
+        # ReadyForQuery count is kept.
+        server.link.track = False
         server.link.pending = 1
         server.query_start = _monotonic()
         timeout = self._pool.settings.connect_timeout or 5.0
