@@ -213,7 +213,7 @@ class Connection:
             if code == ord("T"):
                 rows = []
             elif code == ord("D"):
-                rows.append(_data_row(payload))
+                rows.append(m.parse_data_row(payload))
             elif code == m.ERROR_RESPONSE:
                 error = m.parse_fields(payload)
             elif code == m.PARAMETER_STATUS:
@@ -240,21 +240,6 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _data_row(payload: bytes) -> List[Optional[str]]:
-    (count,) = struct.unpack_from("!h", payload, 0)
-    pos = 2
-    row: List[Optional[str]] = []
-    for _ in range(count):
-        (length,) = _int32.unpack_from(payload, pos)
-        pos += 4
-        if length < 0:
-            row.append(None)
-        else:
-            row.append(payload[pos:pos + length].decode("utf-8", "replace"))
-            pos += length
-    return row
 
 
 def _open(host: str, port: int, timeout: float) -> socket.socket:

@@ -187,13 +187,15 @@ def is_discard_all(query: bytes) -> bool:
     return _DISCARD_ALL.match(query) is not None
 
 
+_DROPS = re.compile(rb"deallocate|discard", re.IGNORECASE).search
+
+
 def may_drop_statements(query: bytes) -> bool:
     """
     A query that may DEALLOCATE or DISCARD prepared statements in a way we do not parse (among
     other statements, in a function): the server's record of its statements is then unknown.
     """
-    q = query.lower()
-    return b"deallocate" in q or b"discard" in q
+    return _DROPS(query) is not None
 
 
 # -- deferred BEGIN ---------------------------------------------------------------------------

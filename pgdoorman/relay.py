@@ -101,7 +101,7 @@ class Relay:
                                     and (data[5] not in _S or data[5:11].lower() == b"start ")) \
                     and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
                 return
-            if first == _PARSE and self.remap is not None:
+            if first == _PARSE and self.remap is not None and data[5]:  # a named Parse
                 found = self.remap.answer_locally(data)
                 if found:
                     client.query_count += 1
@@ -193,6 +193,9 @@ class Relay:
         """
         client = self.client
         link = client.server.link
+        if code == _EXECUTE:
+            link.dirty = True
+            return None
         remap = self.remap
         if code == _SYNC:
             if link.copying:
@@ -216,9 +219,6 @@ class Relay:
             return None
         if code == _QUERY:
             return self._query(data, pos, end, n, link)
-        if code == _EXECUTE:
-            link.dirty = True
-            return None
         if code == _PARSE or code == _BIND or code == _DESCRIBE or code == _CLOSE:
             link.dirty = True
             if remap is None:

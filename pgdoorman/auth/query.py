@@ -87,30 +87,6 @@ def _lookup_messages(query: str, username: str) -> bytes:
             + messages.SYNC_MESSAGE)
 
 
-def _column_names(payload: bytes) -> List[str]:
-    (n,) = _int16.unpack_from(payload)
-    pos, names = 2, []
-    for _ in range(n):
-        end = payload.index(b"\x00", pos)
-        names.append(payload[pos:end].decode("utf-8", "replace"))
-        pos = end + 1 + 18  # table oid, attnum, type oid, typlen, typmod, format
-    return names
-
-
-def _data_row(payload: bytes) -> List[Optional[str]]:
-    (n,) = _int16.unpack_from(payload)
-    pos, values = 2, []
-    for _ in range(n):
-        (size,) = _int32.unpack_from(payload, pos)
-        pos += 4
-        if size < 0:
-            values.append(None)
-        else:
-            values.append(payload[pos:pos + size].decode("utf-8", "replace"))
-            pos += size
-    return values
-
-
 def _secret_column(names: List[str]) -> int:
     """
     Which column holds the secret: one named passwd or password, else the second of two
@@ -142,9 +118,9 @@ class _Lookup:
         msgs, self._buf = messages.split_messages(self._buf + data)
         for code, payload in msgs:
             if code == ord("T"):
-                self._names = _column_names(payload)
+                self._names = messages.parse_row_description(payload)
             elif code == ord("D"):
-                self._rows.append(_data_row(payload))
+                self._rows.append(messages.parse_data_row(payload))
             elif code == messages.ERROR_RESPONSE:
                 self._error = errors.PgError.from_fields(messages.parse_fields(payload))
             elif code == messages.READY_FOR_QUERY:

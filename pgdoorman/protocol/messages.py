@@ -214,6 +214,33 @@ def parse_sasl_initial_response(payload: bytes) -> Tuple[str, bytes]:
     return mechanism, data
 
 
+def parse_row_description(payload: bytes) -> List[str]:
+    """The column names of a RowDescription."""
+    (n,) = struct.unpack_from("!h", payload)
+    pos, names = 2, []
+    for _ in range(n):
+        end = payload.index(b"\x00", pos)
+        names.append(payload[pos:end].decode("utf-8", "replace"))
+        pos = end + 1 + 18  # table oid, attnum, type oid, typlen, typmod, format
+    return names
+
+
+def parse_data_row(payload: bytes) -> List[Optional[str]]:
+    """A DataRow's values as text (None for NULL), for the few queries the pooler runs."""
+    (count,) = struct.unpack_from("!h", payload)
+    pos = 2
+    row: List[Optional[str]] = []
+    for _ in range(count):
+        (length,) = _int32.unpack_from(payload, pos)
+        pos += 4
+        if length < 0:
+            row.append(None)
+        else:
+            row.append(payload[pos:pos + length].decode("utf-8", "replace"))
+            pos += length
+    return row
+
+
 def split_messages(buf: bytes) -> Tuple[List[Tuple[int, bytes]], bytes]:
     """
     Split a buffer into complete (code, payload) messages and the incomplete rest.
