@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as _run  # noqa: E402  (bench/run.py: cluster, pgbench and pooler start-up)
 
 CALLGRIND_CONTROL = "callgrind_control"
+#: --keep PREFIX: keep the dumps (callgrind_annotate reads them) instead of deleting them.
+KEEP = None
 
 
 def _wrapper(workdir, out_base, argv0):
@@ -96,7 +98,10 @@ def _counted(pid, out_base, fn):
             for line in f:
                 if line.startswith("summary:") or line.startswith("totals:"):
                     total = max(total, int(line.split()[1]))
-        os.unlink(path)
+        if KEEP:
+            os.rename(path, "%s.%s" % (KEEP, os.path.basename(path)))
+        else:
+            os.unlink(path)
     return total, result
 
 
@@ -118,7 +123,11 @@ def main(argv=None):
     ap.add_argument("--targets", default="pgbouncer,pgdoorman")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--keep", metavar="PREFIX",
+                    help="keep callgrind's dumps as PREFIX.* (for callgrind_annotate)")
     args = ap.parse_args(argv)
+    global KEEP
+    KEEP = args.keep
     modes = args.modes.split(",")
     targets = args.targets.split(",")
     workdir = tempfile.mkdtemp(prefix="pgdoorman-instr-")

@@ -76,6 +76,36 @@ def test_scram_plaintext_server_secret():
     exchange(ScramClient("pencil"), ScramServer("pencil"))
 
 
+def test_scram_server_login_keys_derived_once(monkeypatch):
+    """
+    A pool opening server connections with a password pays PBKDF2 once per salt, not per
+    connection; a changed password or salt is derived anew, and a wrong one still fails.
+    """
+    import hashlib
+
+    from pgdoorman.auth import scram as _scram
+    calls = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(*args):
+        calls.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(_scram.hashlib, "pbkdf2_hmac", counting)
+    monkeypatch.setattr(_scram, "_server_keys", {})
+    stored = make_scram_secret("pencil")
+    calls.clear()
+    for _ in range(3):
+        exchange(ScramClient("pencil"), ScramServer(stored))
+    assert len(calls) == 1
+    exchange(ScramClient("pencil"), ScramServer(make_scram_secret("pencil")))  # another salt
+    assert len(calls) == 3  # make_scram_secret's own + the new salt's
+    server = ScramServer(stored, user="alice")
+    client = ScramClient("pen")
+    server_first = server.handle_client_first(client.client_first())
+    with pytest.raises(AuthFailed):
+        server.handle_client_final(client.handle_server_first(server_first))
+
+
 def test_scram_wrong_password():
     server = ScramServer(make_scram_secret("pencil"), user="alice")
     client = ScramClient("pen")

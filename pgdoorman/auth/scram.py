@@ -158,6 +158,31 @@ def _salted_password(password: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), salt, iterations)
 
 
+#: (password, salt, iterations) -> (ClientKey, ServerKey) of server logins done before.
+_server_keys: dict = {}
+#: Distinct server passwords x salts are few (one per server user); the bound only keeps a
+#: config that changes passwords all day from growing it.
+_SERVER_KEYS_MAX = 256
+
+
+def _login_keys(password: str, salt: bytes, iterations: int) -> tuple:
+    """
+    ClientKey and ServerKey for a server login with a password: 4096 rounds of PBKDF2 (about
+    ten milliseconds of CPU, more on PyPy) the first time for this user's salt, a dict look-up
+    after that, as PgBouncer keeps them.  Every new server connection used to pay it, so a pool
+    growing under load spent most of its CPU there.
+    """
+    key = (password, salt, iterations)
+    keys = _server_keys.get(key)
+    if keys is None:
+        salted = _salted_password(password, salt, iterations)
+        keys = (_hmac(salted, b"Client Key"), _hmac(salted, b"Server Key"))
+        if len(_server_keys) >= _SERVER_KEYS_MAX:
+            _server_keys.clear()
+        _server_keys[key] = keys
+    return keys
+
+
 def secret_from_password(password: str, salt: bytes | None = None,
                          iterations: int = DEFAULT_ITERATIONS) -> ScramSecret:
     """Derive the secret for C{password}, with a fresh random salt unless one is given."""
@@ -397,9 +422,7 @@ class ScramClient:
         without_proof = b"c=biws,r=" + nonce
         auth_message = b",".join([self._client_first_bare, data, without_proof])
         if self._password is not None:
-            salted = _salted_password(self._password, salt, iterations)
-            client_key = _hmac(salted, b"Client Key")
-            server_key = _hmac(salted, b"Server Key")
+            client_key, server_key = _login_keys(self._password, salt, iterations)
         else:
             client_key = self._client_key
             server_key = self._server_key
