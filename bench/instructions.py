@@ -35,13 +35,17 @@ CALLGRIND_CONTROL = "callgrind_control"
 KEEP = None
 
 
-def _wrapper(workdir, out_base, argv0):
-    """A script that runs C{argv0 ARGS} under callgrind, instrumentation off at start."""
+def _wrapper(workdir, out_base, argv0, smc=False):
+    """
+    A script that runs C{argv0 ARGS} under callgrind, instrumentation off at start
+    (C{smc}: check all code for self-modification, as PyPy's JIT writes code).
+    """
     path = os.path.join(workdir, "under-callgrind-%s.sh" % os.path.basename(argv0))
     with open(path, "w") as f:
         f.write('#!/bin/sh\nexec valgrind --tool=callgrind --instr-atstart=no '
                 '--callgrind-out-file=%s.%%p --dump-instr=no --compress-strings=no '
-                '--dump-line=no %s "$@"\n' % (out_base, argv0))
+                '--dump-line=no %s%s "$@"\n'
+                % (out_base, "--smc-check=all " if smc else "", argv0))
     os.chmod(path, 0o755)
     return path
 
@@ -123,11 +127,14 @@ def main(argv=None):
     ap.add_argument("--targets", default="pgbouncer,pgdoorman")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--warmup-tx", type=int, default=5,
+                    help="unmeasured transactions per client first (PyPy's JIT wants 500+)")
     ap.add_argument("--keep", metavar="PREFIX",
                     help="keep callgrind's dumps as PREFIX.* (for callgrind_annotate)")
     args = ap.parse_args(argv)
     global KEEP
     KEEP = args.keep
+    args.python = os.path.abspath(args.python) if os.sep in args.python else args.python
     modes = args.modes.split(",")
     targets = args.targets.split(",")
     workdir = tempfile.mkdtemp(prefix="pgdoorman-instr-")
@@ -156,7 +163,7 @@ def main(argv=None):
                     _run.PGBOUNCER = real
                 pid = _valgrind_pid(svc.proc.pid)
             else:
-                python = _wrapper(workdir, out_base, args.python)
+                python = _wrapper(workdir, out_base, args.python, smc=True)
                 svc = _run.start_pgdoorman(target, python, workdir, cluster.port, secret,
                                            args.pool_size)
                 pid = svc.proc.pid
@@ -165,7 +172,7 @@ def main(argv=None):
             for mode in modes:
                 # unmeasured warm-up: first Parse of each statement, first server logins
                 _run.run_pgbench(svc.port, "select", mode, args.clients, 0,
-                                 timeout_extra=600, transactions=5)
+                                 timeout_extra=1800, transactions=args.warmup_tx)
                 per_tx, errors = measure(svc, pid, out_base, mode, args.clients, args.N)
                 results[(target, mode)] = (per_tx, errors)
                 _run.log("%s -M %s: %.0f instructions/tx%s" % (

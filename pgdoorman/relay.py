@@ -54,6 +54,7 @@ _EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
 #: the ";" check query); COMMIT/ROLLBACK only matter after a deferred BEGIN.
 _MAYBE_ALONE = frozenset(b"bBsS;")
 _S = frozenset(b"sS")  # of those, START TRANSACTION (and not SELECT) is the one to look at
+_B = frozenset(b"bB")
 
 
 class Relay:
@@ -120,8 +121,8 @@ class Relay:
                 client.send(_EMPTY_QUERY_REPLY)
                 return True
             # Cheap look at the first bytes before any regex: most queries are not BEGIN.
-            first = query[:1]
-            if not (first in b"bB" or (first in b"sS" and query[:6].lower() == b"start ")):
+            first = query[0] if query else 0
+            if not (first in _B or (first in _S and query[:6].lower() == b"start ")):
                 return False
             tag = _prepared.begin_tag(query)
             if tag is None:
