@@ -256,6 +256,8 @@ def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
   port: %(port)d
   admin_username: "admin"
   admin_password: "admin"
+  log_client_connections: false
+  log_client_disconnections: false
 pools:
   %(db)s:
     server_host: "127.0.0.1"

@@ -95,8 +95,19 @@ def authentication_sasl_final(data: bytes) -> bytes:
     return authentication(AUTH_SASL_FINAL, data)
 
 
+#: (name, value) -> ParameterStatus bytes: every login sends a dozen, nearly always the same.
+_parameter_status: dict = {}
+
+
 def parameter_status(name: str, value: str) -> bytes:
-    return message(b"S", cstring(name) + cstring(value))
+    key = (name, value)
+    m = _parameter_status.get(key)
+    if m is None:
+        m = message(b"S", cstring(name) + cstring(value))
+        if len(_parameter_status) >= 4096:  # values a client SETs are not kept forever
+            _parameter_status.clear()
+        _parameter_status[key] = m
+    return m
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:
