@@ -17,6 +17,7 @@ import struct
 import time
 from typing import Optional
 
+from pgdoorman import listen as _listen
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
 from pgdoorman.link import FORWARD_ENTRY, PROBE_ENTRY, QUERY_ENTRY, SYNC_ENTRY
@@ -54,6 +55,9 @@ _EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
 #: the ";" check query); COMMIT/ROLLBACK only matter after a deferred BEGIN.
 _MAYBE_ALONE = frozenset(b"bBsS;")
 _S = frozenset(b"sS")  # of those, START TRANSACTION (and not SELECT) is the one to look at
+#: First bytes of a simple query that may be a lone LISTEN/UNLISTEN (L{pgdoorman.listen}).
+_L = frozenset(b"lLuU")
+_LISTEN_WORDS = (b"listen", b"unlist")
 
 
 class Relay:
@@ -63,6 +67,8 @@ class Relay:
     @ivar remap: the client's prepared statements (transaction mode with the cache on).
     @ivar deferred_begin: a lone BEGIN answered without a server, sent ahead of the next query.
     @ivar terminate: the client said Terminate: close once what came before it is sent.
+    @ivar fanout: a lone LISTEN/UNLISTEN is answered by the pool's listener
+        (L{pgdoorman.listen}; transaction mode with general.listen_fanout).
     """
 
     def __init__(self, client, transaction_mode: bool, remap, check_query: Optional[bytes]):
@@ -71,6 +77,7 @@ class Relay:
         self.remap = remap
         self.deferred_begin: Optional[bytes] = None
         self.terminate = False
+        self.fanout = False
         self._tx = transaction_mode
         #: only an empty check query (";") has an answer we can give without PostgreSQL.
         self._check_query = check_query
@@ -100,6 +107,10 @@ class Relay:
             if first == _QUERY and (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
                                     and (data[5] not in _S or data[5:11].lower() == b"start ")) \
                     and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
+                return
+            if first == _QUERY and data[5] in _L and self.fanout and \
+                    self.deferred_begin is None and data[5:11].lower() in _LISTEN_WORDS and \
+                    len(data) == 1 + _unpack_len(data, 1)[0] and _listen.answer(client, data):
                 return
             if first == _PARSE and self.remap is not None and data[5]:  # a named Parse
                 found = self.remap.answer_locally(data)

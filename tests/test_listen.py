@@ -1,0 +1,375 @@
+"""
+LISTEN/NOTIFY in transaction mode without pinning (issue 16, pgdoorman.listen): a lone LISTEN
+is answered by the pooler once the pool's listener connection LISTENs the channel, and the
+notifications reach exactly the clients that asked, between their messages, through real
+PostgreSQL and real drivers.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import REPO, Background, RawClient, message, simple_config, wait_until
+
+
+def start(pgdoorman, pg, user, pw, pool_size=2, **kw):
+    return pgdoorman(simple_config(pg, user, pw, pool_size=pool_size, **kw))
+
+
+def notifies(conn, timeout, count=None):
+    """(channel, payload, pid) of the notifications C{conn} gets within C{timeout}."""
+    got = []
+    for n in conn.notifies(timeout=timeout, stop_after=count):
+        got.append((n.channel, n.payload, n.pid))
+    return got
+
+
+def listener_backends(pg, user):
+    """Backends of C{user} whose last query was a LISTEN: pgdoorman's listener connections."""
+    with pg.connect_super() as c:
+        return c.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s AND query ILIKE '%%LISTEN%%' "
+            "AND query NOT ILIKE '%%pg_stat_activity%%'", [user]).fetchall()
+
+
+def direct(pg, user):
+    return psycopg.connect(host=pg.host, port=pg.port, user=user, dbname="db1",
+                           password=pg.passwords[user], autocommit=True)
+
+
+def test_notifications_reach_exactly_the_subscribed_clients(pg, pgdoorman, new_user):
+    """
+    pool_size 2, six clients running transactions, three listening on different channels
+    (one quoted, mixed case): NOTIFY from a pooled client and from a direct connection reach
+    exactly the subscribed clients with their payloads; the pool never uses more than its two
+    servers plus the one listener.
+    """
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, pool_size=2)
+    listeners = [d.connect(user, "db1", pw) for _ in range(3)]
+    listeners[0].execute("LISTEN alpha")
+    listeners[1].execute("LISTEN Beta")           # folded: beta
+    listeners[2].execute('LISTEN "Gamma Ray"')    # quoted: kept as is
+    stop = threading.Event()
+    errors = []
+
+    def work():
+        try:
+            with d.connect(user, "db1", pw) as c:
+                while not stop.is_set():
+                    with c.transaction():
+                        c.execute("SELECT pg_sleep(0.005)")
+                        c.execute("SELECT 1")
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(6)]
+    for t in workers:
+        t.start()
+    try:
+        notifier = d.connect(user, "db1", pw)
+        notifier.execute("NOTIFY alpha, 'from pooled client'")
+        notifier.execute("SELECT pg_notify('beta', 'b1')")
+        with direct(pg, user) as dc:
+            direct_pid = dc.info.backend_pid
+            dc.execute("NOTIFY \"Gamma Ray\", 'g1'")
+            dc.execute("NOTIFY \"Beta\", 'not for beta'")  # another channel: "Beta" != beta
+            dc.execute("NOTIFY gamma, 'nobody'")
+            dc.execute("NOTIFY alpha, 'a2'")
+        got = [notifies(c, 3.0) for c in listeners]
+        assert [(ch, p) for ch, p, _ in got[0]] == [("alpha", "from pooled client"),
+                                                      ("alpha", "a2")]
+        assert got[0][1][2] == direct_pid  # the notifying backend's pid
+        assert [(ch, p) for ch, p, _ in got[1]] == [("beta", "b1")]
+        assert [(ch, p) for ch, p, _ in got[2]] == [("Gamma Ray", "g1")]
+        # The listening clients still run queries and transactions normally.
+        for c in listeners:
+            with c.transaction():
+                assert c.execute("SELECT 42").fetchone() == (42,)
+        assert pg.count_backends(user) <= 3
+        notifier.close()
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(10)
+        for c in listeners:
+            c.close()
+    assert not errors
+
+
+def test_unlisten_stops_delivery(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    a = d.connect(user, "db1", pw)
+    b = d.connect(user, "db1", pw)
+    a.execute("LISTEN one")
+    a.execute("LISTEN two")
+    b.execute("LISTEN one")
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY one, 'x'")
+        assert [p for _, p, _ in notifies(a, 2.0, 1)] == ["x"]
+        assert [p for _, p, _ in notifies(b, 2.0, 1)] == ["x"]
+        a.execute("UNLISTEN one")
+        dc.execute("NOTIFY one, 'y'")
+        dc.execute("NOTIFY two, 'z'")
+        assert [(ch, p) for ch, p, _ in notifies(a, 1.5)] == [("two", "z")]
+        assert [p for _, p, _ in notifies(b, 1.5)] == ["y"]
+        a.execute("UNLISTEN *")
+        b.execute("unlisten ONE;")
+        dc.execute("NOTIFY one, 'w'")
+        dc.execute("NOTIFY two, 'w'")
+        assert notifies(a, 1.0) == []
+        assert notifies(b, 1.0) == []
+    # Nobody listens any more: the listener connection is gone.
+    wait_until(lambda: not listener_backends(pg, user), 5, message="listener closed")
+    a.close()
+    b.close()
+
+
+def test_disconnect_unsubscribes_and_closes_the_listener(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    a = d.connect(user, "db1", pw)
+    b = d.connect(user, "db1", pw)
+    a.execute("LISTEN gone")
+    b.execute("LISTEN stays")
+    assert len(listener_backends(pg, user)) == 1
+    a.close()
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY gone, '1'")
+        dc.execute("NOTIFY stays, '2'")
+    assert [p for _, p, _ in notifies(b, 2.0, 1)] == ["2"]
+    assert len(listener_backends(pg, user)) == 1
+    b.close()
+    wait_until(lambda: not listener_backends(pg, user), 5, message="listener closed")
+    assert "Traceback" not in d.log()
+
+
+def test_listening_costs_no_pool_server(pg, pgdoorman, new_user):
+    """
+    pool_size 1: a client that LISTENs holds no server, so another client can keep the only
+    server in a transaction while the listener still LISTENs and gets its notifications.
+    """
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, pool_size=1)
+    holder = d.connect(user, "db1", pw)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")  # the only server is now this client's
+    listener = d.connect(user, "db1", pw)
+    listener.execute("LISTEN busy")  # answered without a pool server
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY busy, 'while the pool is in use'")
+    assert [p for _, p, _ in notifies(listener, 3.0, 1)] == ["while the pool is in use"]
+    holder.execute("COMMIT")
+    # Its NOTIFY goes through the pool like any statement and comes back to itself.
+    listener.execute("NOTIFY busy, 'self'")
+    assert [p for _, p, _ in notifies(listener, 3.0, 1)] == ["self"]
+    holder.close()
+    listener.close()
+
+
+def test_names_fold_and_errors_are_postgresqls(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    c = d.connect(user, "db1", pw)
+    with pytest.raises(psycopg.errors.SyntaxError):
+        c.execute("LISTEN select")  # a reserved word: PostgreSQL's own error
+    long = "L" * 70
+    c.execute("LISTEN " + long)  # cut to 63 bytes, folded
+    c.execute('LISTEN "ÄÖ"')
+    assert c.execute("SELECT 1").fetchone() == (1,)
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY " + "l" * 63 + ", 'long'")
+        dc.execute("""NOTIFY "ÄÖ", 'utf8'""")
+        dc.execute("""NOTIFY "äö", 'other'""")
+    assert [(ch, p) for ch, p, _ in notifies(c, 2.0)] == [("l" * 63, "long"), ("ÄÖ", "utf8")]
+    c.close()
+
+
+def test_notifications_wait_for_the_end_of_a_transaction(pg, pgdoorman, new_user):
+    """A listener in a transaction gets notifications after it, as from PostgreSQL."""
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    c = d.connect(user, "db1", pw)
+    c.execute("LISTEN tx")
+    c.execute("BEGIN")
+    c.execute("SELECT 1")
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY tx, 'during'")
+    time.sleep(0.5)
+    assert c.execute("SELECT 2").fetchone() == (2,)
+    assert notifies(c, 0.3) == []  # held while the transaction is open
+    c.execute("COMMIT")
+    assert [p for _, p, _ in notifies(c, 2.0, 1)] == ["during"]
+    c.close()
+
+
+def _read_until_ready(raw):
+    """The codes of the messages up to ReadyForQuery."""
+    codes = []
+    while True:
+        kind, payload = raw.recv_msg()
+        codes.append(kind)
+        if kind == b"Z":
+            return codes
+
+
+@pytest.mark.timeout(120)
+def test_notifications_are_never_inside_another_reply(pg, pgdoorman, new_user):
+    """
+    A raw client runs big SELECTs (replies of many network reads) while notifications fly:
+    every NotificationResponse arrives between replies, none inside a reply, none is lost.
+    """
+    user, pw = new_user("password")
+    d = start(pgdoorman, pg, user, pw)
+    raw = RawClient(d.port)
+    raw.startup(user, "db1", pw)
+    raw.send(message(b"Q", b"LISTEN flood\x00"))
+    assert _read_until_ready(raw) == [b"C", b"Z"]
+    sent = 300
+    done = threading.Event()
+
+    def fire():
+        with direct(pg, user) as dc:
+            for i in range(sent):
+                dc.execute("SELECT pg_notify('flood', %s)", [str(i)])
+                time.sleep(0.003)
+        done.set()
+
+    bg = Background(fire)
+    received = []
+    inside = 0
+    queries = 0
+    while not done.is_set() or queries < 3:
+        raw.send(message(b"Q", b"SELECT repeat('x', 200) FROM generate_series(1, 20000)\x00"))
+        in_reply = False  # from the reply's first message (RowDescription) to its Z
+        rows = 0
+        while True:
+            kind, payload = raw.recv_msg()
+            if kind != b"A":
+                in_reply = True
+            if kind == b"A":
+                if in_reply:
+                    inside += 1
+                received.append(payload[4:].split(b"\x00")[1].decode())
+            elif kind == b"D":
+                rows += 1
+            elif kind == b"Z":
+                break
+        assert rows == 20000
+        queries += 1
+    bg.result(60)
+    raw.sock.settimeout(0.3)
+    deadline = time.monotonic() + 5
+    while len(received) < sent and time.monotonic() < deadline:
+        try:
+            kind, payload = raw.recv_msg()
+        except OSError:
+            continue
+        if kind == b"A":
+            received.append(payload[4:].split(b"\x00")[1].decode())
+    assert inside == 0
+    assert received == [str(i) for i in range(sent)]
+    raw.close()
+
+
+def test_session_mode_is_unchanged(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, mode="session")
+    c = d.connect(user, "db1", pw)
+    c.execute("LISTEN sess")
+    # The client's own server LISTENs, as without a pooler.
+    assert c.execute("SELECT pg_listening_channels()").fetchall() == [("sess",)]
+    assert listener_backends(pg, user) == [(c.info.backend_pid,)] or \
+        len(listener_backends(pg, user)) == 1
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY sess, 's'")
+    assert [p for _, p, _ in notifies(c, 2.0, 1)] == ["s"]
+    c.close()
+
+
+def test_listen_fanout_off_sends_listen_to_the_server(pg, pgdoorman, new_user):
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, general={"listen_fanout": False})
+    c = d.connect(user, "db1", pw)
+    c.execute("LISTEN off")
+    # The server it ran on LISTENs (the old behaviour); no listener connection of ours.
+    assert c.execute("SELECT pg_listening_channels()").fetchall() == [("off",)]
+    c.close()
+
+
+def test_listener_comes_back_after_its_backend_dies(pg, pgdoorman, new_user):
+    """
+    The listener's backend is terminated: the clients keep their connections, get a NOTICE
+    that notifications may have been lost, and get the next ones.
+    """
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    c = d.connect(user, "db1", pw)
+    seen = []
+    c.add_notice_handler(lambda diag: seen.append(diag.message_primary))
+    c.execute("LISTEN phoenix")
+    (pid,), = listener_backends(pg, user)
+    with pg.connect_super() as su:
+        su.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    def relistened():
+        rows = listener_backends(pg, user)
+        return rows and rows[0][0] != pid
+    wait_until(relistened, 10, message="listener back")
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY phoenix, 'again'")
+    assert [p for _, p, _ in notifies(c, 3.0, 1)] == ["again"]
+    assert any("lost" in m for m in seen), seen
+    assert c.execute("SELECT 1").fetchone() == (1,)
+    c.close()
+
+
+NODE_SCRIPT = r"""
+const { Client } = require('pg');
+(async () => {
+  const [url, notifyUrl] = process.argv.slice(2);
+  const c = new Client({ connectionString: url });
+  await c.connect();
+  const got = [];
+  c.on('notification', (n) => got.push([n.channel, n.payload]));
+  await c.query('LISTEN node_ch');
+  const other = new Client({ connectionString: notifyUrl });
+  await other.connect();
+  await other.query("NOTIFY node_ch, 'hello node'");
+  await other.query("NOTIFY node_other, 'not mine'");
+  await other.end();
+  for (let i = 0; i < 50 && got.length < 1; i++) await new Promise(r => setTimeout(r, 50));
+  const r = await c.query('SELECT 1 AS one');
+  await c.query('UNLISTEN node_ch');
+  console.log(JSON.stringify({ got, one: r.rows[0].one }));
+  await c.end();
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_node_postgres_gets_notifications(pg, pgdoorman, new_user, tmp_path):
+    node = shutil.which("node")
+    modules = os.path.join(REPO, "tests", "drivers", "node", "node_modules")
+    if node is None or not os.path.isdir(os.path.join(modules, "pg")):
+        pytest.skip("node-postgres not installed (tools/test-deps.sh)")
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+    script = tmp_path / "listen.js"
+    script.write_text(NODE_SCRIPT)
+    env = dict(os.environ, NODE_PATH=modules)
+    out = subprocess.run([node, str(script), d.url(user, "db1", pw),
+                          "postgresql://%s:%s@%s:%d/db1" % (user, pg.passwords[user], pg.host,
+                                                            pg.port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=60,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result == {"got": [["node_ch", "hello node"]], "one": 1}
+    wait_until(lambda: not listener_backends(pg, user), 5, message="listener closed")
