@@ -95,6 +95,9 @@ class ClientConnection(protocol.Protocol):
         #: notifications waiting for its server to go back to the pool.
         self.listen_channels: Optional[set] = None
         self.notifies: Optional[List[bytes]] = None
+        #: its named statements of one LISTEN/UNLISTEN, kept here and never Parsed on a
+        #: server (asyncpg's add_listener): name -> (kind, channel, text).
+        self.listen_statements: Optional[dict] = None
         self._queued: List[bytes] = []
         self._queued_len = 0
         self._login_timer = None
@@ -454,6 +457,8 @@ class ClientConnection(protocol.Protocol):
         s.query_count = self.query_count
         s.client_bytes = self.client_bytes
         s.channels = sorted(self.listen_channels) if self.listen_channels else []
+        s.listen_statements = {name: st[2] for name, st in self.listen_statements.items()} \
+            if self.listen_statements else {}
         return s
 
     def _adopt(self, s: ClientSession) -> None:
@@ -482,11 +487,8 @@ class ClientConnection(protocol.Protocol):
         self.query_count = s.query_count
         self.client_bytes = s.client_bytes
         self.cancel_key = self.service.adopt_client(self, s.cancel_key)
-        if s.channels and self.relay.fanout:
-            # It listened through the previous process's listener: here through ours.
-            if pool.listener is None:
-                pool.listener = _listen.Listener(pool)
-            pool.listener.adopt(self, s.channels)
+        if self.relay.fanout:
+            _listen.adopt(self, s.channels, s.listen_statements)
         self.enter(self.relay)
 
 

@@ -9,9 +9,11 @@ by the pooler (L{answer}, called from L{pgdoorman.relay.Relay.dataReceived}).  A
 run, as the client wrote it, on the pool's L{Listener} connection, and the client gets
 PostgreSQL's own reply (CommandComplete, a NOTICE about a truncated name, or the syntax
 error) once that LISTEN completed: a NOTIFY committed after the client's LISTEN returned
-reaches it, as in PostgreSQL.  The client's next bytes wait meanwhile.  Anything else (a
-LISTEN inside a transaction block, in a multi-statement query or through the extended
-protocol) goes to a server as before (L{pgdoorman.sessionstate} pins such clients).
+reaches it, as in PostgreSQL.  The client's next bytes wait meanwhile.  asyncpg's
+extended-protocol LISTEN (a named statement) is answered the same way (L{answer_extended}).
+Anything else (a LISTEN inside a transaction block, in a multi-statement query, an unnamed
+extended-protocol one) goes to a server as before (L{pgdoorman.sessionstate} pins such
+clients).
 
 Differences from PostgreSQL, documented in docs/listen.md:
  - the listener connection is one more server connection per pool that has listening clients,
@@ -144,6 +146,175 @@ def answer(client, data: bytes) -> bool:
     return True
 
 
+_unpack_len = struct.Struct("!I").unpack_from
+_unpack_short = struct.Struct("!H").unpack_from
+_PARSE = messages.PARSE
+_BIND = messages.BIND
+_DESCRIBE = messages.DESCRIBE
+_CLOSE = messages.CLOSE
+_EXECUTE = messages.EXECUTE
+_SYNC = messages.SYNC
+_FLUSH = messages.FLUSH
+_WORDS = (b"listen", b"unlist")
+_PARSE_COMPLETE = messages.message(b"1")
+_BIND_COMPLETE = messages.message(b"2")
+_CLOSE_COMPLETE = messages.message(b"3")
+_NO_PARAMETERS = messages.message(b"t", b"\x00\x00")
+_NO_DATA = messages.message(b"n")
+
+
+def _split(data: bytes):
+    """The (code, body start, end) of each whole message in C{data}, None unless all whole."""
+    out = []
+    pos, n = 0, len(data)
+    while pos < n:
+        if n - pos < 5:
+            return None
+        end = pos + 1 + _unpack_len(data, pos + 1)[0]
+        if end > n or end < pos + 5:
+            return None
+        out.append((data[pos], pos + 5, end))
+        pos = end
+    return out
+
+
+def _cstr(data: bytes, pos: int, end: int):
+    """(string, position after its NUL) or (None, end)."""
+    nul = data.find(b"\x00", pos, end)
+    if nul < 0:
+        return None, end
+    return data[pos:nul], nul + 1
+
+
+def answer_extended(client, data: bytes) -> bool:
+    """
+    The extended-protocol LISTEN/UNLISTEN of asyncpg's add_listener/remove_listener, answered
+    like a lone simple-query one (L{answer}): a named statement whose text is one
+    LISTEN/UNLISTEN is kept by the client (C{client.listen_statements}), never Parsed on a
+    server, and its Bind/Execute run it on the listener.  Only batches made of nothing but
+    Parse of such a statement, Describe, Bind, Execute and Close of one, Flush and Sync are
+    answered; anything else (False) goes to a server as usual.
+    """
+    msgs = _split(data)
+    if msgs is None:
+        return False
+    statements = client.listen_statements
+    pool = client.pool
+    listener = pool.listener
+    new = {}
+    portal = None
+    run = None  # the one LISTEN this batch may Execute: (statement, replies before it)
+    out = []
+    for i, (code, pos, end) in enumerate(msgs):
+        if run is not None and code != _SYNC and code != _FLUSH:
+            return False  # only Sync/Flush after the Execute of a LISTEN
+        if code == _PARSE:
+            name, at = _cstr(data, pos, end)
+            text, at = _cstr(data, at, end)
+            if not name or text is None or end - at != 2 or data[at:end] != b"\x00\x00" \
+                    or text[:6].lower() not in _WORDS:
+                return False  # unnamed, or with parameter types, or not LISTEN/UNLISTEN
+            if name in new or (statements and name in statements) or \
+                    (client.remap is not None and name in client.remap.names):
+                return False
+            parsed = parse(text)
+            if parsed is None:
+                return False
+            kind, channel, word = parsed
+            if kind == UNLISTEN and word is not None and (
+                    listener is None or listener.reserved is None
+                    or word.lower() in listener.reserved):
+                return False
+            new[name] = (kind, channel, text)
+            out.append(_PARSE_COMPLETE)
+        elif code == _DESCRIBE:
+            what, name = data[pos:pos + 1], data[pos + 1:end - 1]
+            if what == b"S" and (name in new or statements and name in statements):
+                out.append(_NO_PARAMETERS + _NO_DATA)
+            elif what == b"P" and name == b"" and portal is not None:
+                out.append(_NO_DATA)
+            else:
+                return False
+        elif code == _BIND:
+            name_p, at = _cstr(data, pos, end)
+            name, at = _cstr(data, at, end)
+            stmt = new.get(name) or (statements.get(name) if statements else None)
+            if name_p != b"" or stmt is None or end - at < 6:
+                return False  # a named portal: not ours
+            at += 2 + 2 * _unpack_short(data, at)[0]  # parameter formats
+            if at + 2 > end or _unpack_short(data, at)[0]:
+                return False  # LISTEN takes no parameters
+            portal = stmt
+            out.append(_BIND_COMPLETE)
+        elif code == _EXECUTE:
+            if portal is None or end - pos != 5 or data[pos]:
+                return False  # a named portal
+            kind, channel, text = portal
+            if kind == LISTEN:
+                if run is not None:
+                    return False  # one LISTEN a batch
+                run = (portal, b"".join(out), i)
+                out = []
+            else:
+                out.append(messages.command_complete(UNLISTEN))
+            portal = None
+        elif code == _CLOSE:
+            what, name = data[pos:pos + 1], data[pos + 1:end - 1]
+            if what != b"S" or not (name in new or statements and name in statements):
+                return False
+            out.append(_CLOSE_COMPLETE)
+        elif code == _SYNC:
+            if i != len(msgs) - 1:
+                return False
+            out.append(_IDLE_REPLY)
+        elif code != _FLUSH:
+            return False
+    # The whole batch is ours: now do it, in order.
+    if statements is None:
+        statements = client.listen_statements = {}
+    stop = run[2] if run is not None else len(msgs)
+    for code, pos, end in msgs[:stop]:
+        if code == _PARSE:
+            name = data[pos:data.find(b"\x00", pos, end)]
+            statements[name] = new[name]
+        elif code == _CLOSE:
+            statements.pop(data[pos + 1:end - 1], None)
+        elif code == _BIND:
+            name_p, at = _cstr(data, pos, end)
+            name, at = _cstr(data, at, end)
+            portal = statements[name]
+        elif code == _EXECUTE and listener is not None:
+            listener.unlisten(client, portal[1])
+    if run is None:
+        client.query_count += 1
+        client.send(b"".join(out))
+        return True
+    if listener is None:
+        listener = pool.listener = Listener(pool)
+    client.waiting = True
+    (kind, channel, text), ahead, _ = run
+    listener.listen(client, channel, _query(text), ahead, b"".join(out))
+    return True
+
+
+def adopt(client, channels, statements) -> None:
+    """
+    A client handed over by the previous process (zero-downtime upgrade): it listens to
+    C{channels} here too, and its LISTEN/UNLISTEN statements are still its own.
+    """
+    if statements:
+        client.listen_statements = {}
+        for name, text in statements.items():
+            parsed = parse(text)
+            if parsed is not None:
+                client.listen_statements[name] = (parsed[0], parsed[1], text)
+    if channels:
+        pool = client.pool
+        if pool.listener is None:
+            pool.listener = Listener(pool)
+        pool.listener.adopt(client, channels)
+
+
 def deliver(client, message: bytes) -> None:
     """
     Write C{message} (an asynchronous message: NotificationResponse, NoticeResponse) to
@@ -237,10 +408,12 @@ class Listener:
 
     # -- what clients ask ----------------------------------------------------------------
 
-    def listen(self, client, channel: bytes, query: bytes) -> None:
+    def listen(self, client, channel: bytes, query: bytes, ahead: bytes = b"",
+               tail: bytes = _IDLE_REPLY) -> None:
         """
-        Run the client's LISTEN C{query} on the listener; answer the client once it is done
-        and only then read its next bytes.
+        Run the client's LISTEN C{query} (a Query message) on the listener; answer the client
+        once it is done (C{ahead}, PostgreSQL's replies, C{tail}) and only then read its next
+        bytes.
         """
         def done(cmd, err):
             client.query_count += 1
@@ -257,7 +430,7 @@ class Listener:
                     if client.listen_channels is None:
                         client.listen_channels = set()
                     client.listen_channels.add(channel)
-            client.send(reply + _IDLE_REPLY)
+            client.send(ahead + reply + tail)
             client.replay_queued()
             if err is not None or cmd.failed:
                 self._closeIfUnused()

@@ -112,6 +112,10 @@ class Relay:
                     self.deferred_begin is None and data[5:11].lower() in _LISTEN_WORDS and \
                     len(data) == 1 + _unpack_len(data, 1)[0] and _listen.answer(client, data):
                 return
+            if self.fanout and (first == _PARSE and data[5] or client.listen_statements
+                                and (first == _BIND or first == _CLOSE)) and \
+                    _listen.answer_extended(client, data):
+                return  # asyncpg's add_listener (a LISTEN through the extended protocol)
             if first == _PARSE and self.remap is not None and data[5]:  # a named Parse
                 found = self.remap.answer_locally(data)
                 if found:

@@ -47,11 +47,14 @@ class ClientSession:
     @ivar query_count, client_bytes: the client's counters so far.
     @ivar channels: the channels it LISTENs through its pool's listener (L{pgdoorman.listen}),
         as PostgreSQL names them (bytes); an optional field, so still format version 2.
+    @ivar listen_statements: its named statements of one LISTEN/UNLISTEN that never went to a
+        server (asyncpg's add_listener): name -> statement text (optional, as C{channels}).
     """
 
     __slots__ = ("database", "user", "startup", "params", "cancel_key", "peer",
                  "connected_at", "startup_values", "prepared", "scram_client_key",
-                 "query_count", "client_bytes", "channels")
+                 "query_count", "client_bytes", "channels",
+                 "listen_statements")
 
     def __init__(self, database: str = "", user: str = "",
                  startup: Optional[Dict[str, str]] = None,
@@ -71,6 +74,7 @@ class ClientSession:
         self.query_count = 0
         self.client_bytes = 0
         self.channels: List[bytes] = []
+        self.listen_statements: Dict[bytes, bytes] = {}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"version": FORMAT_VERSION, "database": self.database, "user": self.user,
@@ -83,7 +87,9 @@ class ClientSession:
                 "scram_client_key": _b64(self.scram_client_key)
                 if self.scram_client_key is not None else None,
                 "query_count": self.query_count, "client_bytes": self.client_bytes,
-                "channels": [_b64(c) for c in self.channels]}
+                "channels": [_b64(c) for c in self.channels],
+                "listen_statements": [[_b64(n), _b64(t)]
+                                      for n, t in self.listen_statements.items()]}
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
@@ -111,6 +117,8 @@ class ClientSession:
             s.query_count = int(d.get("query_count") or 0)
             s.client_bytes = int(d.get("client_bytes") or 0)
             s.channels = [_unb64(c) for c in d.get("channels") or ()]
+            s.listen_statements = {_unb64(n): _unb64(t)
+                                   for n, t in d.get("listen_statements") or ()}
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise SessionFormatError("client session is not valid: %r" % (e,))
         return s

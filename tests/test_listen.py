@@ -373,3 +373,151 @@ def test_node_postgres_gets_notifications(pg, pgdoorman, new_user, tmp_path):
     result = json.loads(out.stdout)
     assert result == {"got": [["node_ch", "hello node"]], "one": 1}
     wait_until(lambda: not listener_backends(pg, user), 5, message="listener closed")
+
+
+@pytest.mark.timeout(120)
+def test_channels_move_with_the_client_in_an_upgrade(pg, pgdoorman, new_user):
+    """
+    Zero-downtime upgrade: an idle listening client goes to the new process with its channels;
+    the new process's listener LISTENs them, the old one's is gone.
+    """
+    from test_upgrade import Upgrades, config
+    upgrades = Upgrades()
+    try:
+        user, pw = new_user()
+        d = upgrades.follow(pgdoorman(config(pg, user, pw)))
+        c = d.connect(user, "db1", pw)
+        c.execute("LISTEN moving")
+        c.execute('LISTEN "Also Moving"')
+        (old_listener,), = listener_backends(pg, user)
+        upgrades.signal(d)
+        upgrades.wait_old_gone(d)
+        assert "1 clients handed over" in d.log()
+
+        def new_listener():
+            rows = listener_backends(pg, user)
+            return len(rows) == 1 and rows[0][0] != old_listener and \
+                pg.count_backends(user) <= 2
+        # The new listener runs its LISTENs at once; with nobody asking, by the first NOTIFY.
+        wait_until(new_listener, 10, message="the new process's listener")
+        with direct(pg, user) as dc:
+            dc.execute("NOTIFY moving, 'after'")
+            dc.execute("NOTIFY \"Also Moving\", 'too'")
+            dc.execute("NOTIFY other, 'no'")
+        assert [(ch, p) for ch, p, _ in notifies(c, 3.0)] == [("moving", "after"),
+                                                                ("Also Moving", "too")]
+        c.execute("UNLISTEN moving")
+        with direct(pg, user) as dc:
+            dc.execute("NOTIFY moving, 'gone'")
+            dc.execute("NOTIFY \"Also Moving\", 'still'")
+        assert [p for _, p, _ in notifies(c, 2.0)] == ["still"]
+        c.close()
+    finally:
+        upgrades.stop_all()
+
+
+@pytest.mark.timeout(120)
+def test_asyncpg_add_listener_and_remove_listener(pg, pgdoorman, new_user):
+    """
+    asyncpg LISTENs through the extended protocol (a named statement): pool_size 1 with the
+    only server held in another client's transaction, its add_listener still returns, gets
+    the notifications, and remove_listener stops them.
+    """
+    import asyncio
+
+    import asyncpg
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw, pool_size=1)
+    holder = d.connect(user, "db1", pw)
+
+    async def run():
+        conn = await asyncpg.connect(d.url(user, "db1", pw))
+        got = []
+        ev = asyncio.Event()
+
+        def cb(connection, pid, channel, payload):
+            got.append((channel, payload))
+            ev.set()
+        assert await conn.fetchval("SELECT 1") == 1
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the pool's only server is taken
+        await asyncio.wait_for(conn.add_listener("Async Chan", cb), 5)
+        await asyncio.wait_for(conn.add_listener("second", cb), 5)
+        with direct(pg, user) as dc:
+            dc.execute("NOTIFY \"Async Chan\", 'a1'")
+            dc.execute("NOTIFY second, 's1'")
+            dc.execute("NOTIFY \"async chan\", 'not mine'")
+        for _ in range(50):
+            if len(got) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert got == [("Async Chan", "a1"), ("second", "s1")]
+        await asyncio.wait_for(conn.remove_listener("Async Chan", cb), 5)
+        holder.execute("COMMIT")
+        # Its statements run on the pool's server as usual.
+        assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
+        got.clear()
+        with direct(pg, user) as dc:
+            dc.execute("NOTIFY \"Async Chan\", 'a2'")
+            dc.execute("NOTIFY second, 's2'")
+        await asyncio.sleep(0.8)
+        assert got == [("second", "s2")]
+        # Listening again reuses its cached statement (Bind/Execute only).
+        await conn.add_listener("Async Chan", cb)
+        got.clear()
+        with direct(pg, user) as dc:
+            dc.execute("NOTIFY \"Async Chan\", 'a3'")
+        await asyncio.sleep(0.8)
+        assert got == [("Async Chan", "a3")]
+        await conn.close()
+
+    asyncio.run(run())
+    holder.close()
+    wait_until(lambda: not listener_backends(pg, user), 5, message="listener closed")
+
+
+@pytest.mark.timeout(120)
+def test_asyncpg_listener_moves_in_an_upgrade(pg, pgdoorman, new_user):
+    """asyncpg's channels and its LISTEN/UNLISTEN statements go to the new process."""
+    import asyncio
+
+    import asyncpg
+    from test_upgrade import Upgrades, config
+    upgrades = Upgrades()
+    user, pw = new_user()
+    try:
+        d = upgrades.follow(pgdoorman(config(pg, user, pw)))
+
+        async def run():
+            conn = await asyncpg.connect(d.url(user, "db1", pw))
+            got = []
+
+            def cb(c, pid, ch, p):
+                got.append(p)
+            # LISTEN "up" and UNLISTEN "up" both become cached named statements.
+            await conn.add_listener("up", cb)
+            await conn.remove_listener("up", cb)
+            await conn.add_listener("up", cb)
+            await asyncio.sleep(0.3)
+            await asyncio.get_running_loop().run_in_executor(None, upgrades.signal, d)
+            await asyncio.get_running_loop().run_in_executor(None, upgrades.wait_old_gone, d)
+            with direct(pg, user) as dc:
+                dc.execute("NOTIFY up, 'new process'")
+            for _ in range(60):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == ["new process"]
+            # remove_listener Binds the UNLISTEN statement it Parsed on the old process.
+            await asyncio.wait_for(conn.remove_listener("up", cb), 5)
+            with direct(pg, user) as dc:
+                dc.execute("NOTIFY up, 'after unlisten'")
+            await asyncio.sleep(0.8)
+            assert got == ["new process"]
+            assert await conn.fetchval("SELECT 2") == 2
+            await conn.close()
+
+        asyncio.run(run())
+        assert "1 clients handed over" in d.log()
+    finally:
+        upgrades.stop_all()
