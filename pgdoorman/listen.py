@@ -195,10 +195,26 @@ def answer_extended(client, data: bytes) -> bool:
     Parse of such a statement, Describe, Bind, Execute and Close of one, Flush and Sync are
     answered; anything else (False) goes to a server as usual.
     """
+    # A look at the first message before any work: most batches are not ours.
+    statements = client.listen_statements
+    first = data[0]
+    n = len(data)
+    if first == _PARSE:
+        nul = data.find(b"\x00", 5, 5 + 256)
+        if nul < 0 or data[nul + 1:nul + 7].lower() not in _WORDS:
+            return False
+    elif first == _BIND:
+        nul = data.find(b"\x00", 5, n)
+        end = data.find(b"\x00", nul + 1, n)
+        if nul < 0 or end < 0 or data[nul + 1:end] not in statements:
+            return False
+    elif first == _CLOSE:
+        end = data.find(b"\x00", 6, n)
+        if data[5:6] != b"S" or end < 0 or data[6:end] not in statements:
+            return False
     msgs = _split(data)
     if msgs is None:
         return False
-    statements = client.listen_statements
     pool = client.pool
     listener = pool.listener
     new = {}
@@ -418,6 +434,9 @@ class Listener:
         def done(cmd, err):
             client.query_count += 1
             if client.closed:
+                if err is None and not cmd.failed:
+                    self._listening.add(channel)
+                self._closeIfUnused()
                 return
             client.waiting = False
             if err is not None:

@@ -521,3 +521,37 @@ def test_asyncpg_listener_moves_in_an_upgrade(pg, pgdoorman, new_user):
         assert "1 clients handed over" in d.log()
     finally:
         upgrades.stop_all()
+
+
+@pytest.mark.timeout(120)
+def test_postgres_down_and_restarted(own_pg, pgdoorman):
+    """
+    PostgreSQL restarts: the listening client keeps its connection, is told, and gets the
+    notifications after; a LISTEN while PostgreSQL is down gets an error (not a hang) and
+    the client carries on once it is back.
+    """
+    pg = own_pg()
+    user, pw = pg.new_user()
+    d = start(pgdoorman, pg, user, pw)
+    c = d.connect(user, "db1", pw)
+    seen = []
+    c.add_notice_handler(lambda diag: seen.append(diag.message_primary))
+    c.execute("LISTEN survive")
+    pg.stop("fast")
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        c.execute("LISTEN while_down")
+    assert time.monotonic() - t0 < 20
+    pg.start()
+    wait_until(lambda: listener_backends(pg, user), 20, message="listener back")
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY survive, 'back'")
+        dc.execute("NOTIFY while_down, 'never listened'")
+    assert [p for _, p, _ in notifies(c, 3.0)] == ["back"]
+    assert any("lost" in m for m in seen), seen
+    c.execute("LISTEN while_down")
+    with direct(pg, user) as dc:
+        dc.execute("NOTIFY while_down, 'now'")
+    assert [p for _, p, _ in notifies(c, 3.0, 1)] == ["now"]
+    c.close()
+    assert "Traceback" not in d.log()
