@@ -76,6 +76,12 @@ _pid = struct.Struct("!i").unpack_from
 _KEYWORDS_SQL = ("SELECT word FROM pg_catalog.pg_get_keywords() "
                  "WHERE catcode IN ('R', 'T')")
 
+#: Bytes of notifications written to a client and not yet read by it (Twisted's buffer for
+#: its socket) beyond which it is closed; notifications held for a client in a transaction,
+#: by count.
+MAX_UNREAD = 32 * 1024 * 1024
+MAX_HELD = 100000
+
 #: Reconnect delays of a lost listener, in seconds (the last one repeats).
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -345,14 +351,34 @@ def deliver(client, message: bytes) -> None:
                 not server._scanner.between_messages:
             if client.notifies is None:
                 client.notifies = [message]
-            else:
+            elif len(client.notifies) < MAX_HELD:
                 client.notifies.append(message)
+            else:
+                _unread(client, "%d notifications held during its transaction" % MAX_HELD)
             return
     queued = client.notifies
     if queued:
         client.notifies = None
         message = b"".join(queued) + message
+    t = client.transport
+    if len(getattr(t, "dataBuffer", b"")) + getattr(t, "_tempDataLen", 0) > MAX_UNREAD:
+        _unread(client, "more than %d MB of notifications not read" % (MAX_UNREAD >> 20))
+        return
     client.send(message)
+
+
+def _unread(client, why: str) -> None:
+    """
+    A client that does not read its notifications (PostgreSQL's own queue is 8 GB, ours is
+    this process's memory): it goes, with PostgreSQL's error for a full queue.
+    """
+    if client.server is not None:
+        # Mid-reply: no error message fits in between; the connection just ends.
+        client.log.info("client {peer}: closed ({why})", peer=client.peer, why=why)
+        client.close()
+        return
+    client.fatal(errors.PgError("54000", "too many notifications not read by this client"),
+                 why)
 
 
 def flush(client) -> None:

@@ -555,3 +555,69 @@ def test_postgres_down_and_restarted(own_pg, pgdoorman):
     assert [p for _, p, _ in notifies(c, 3.0, 1)] == ["now"]
     c.close()
     assert "Traceback" not in d.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_never_reads_is_closed_and_costs_others_nothing(pg, pgdoorman, new_user):
+    """
+    A listening client that never reads: once 32 MB of notifications wait for it, it is closed
+    with an error; another listener of the channel gets every notification.
+    """
+    user, pw = new_user("password")
+    d = start(pgdoorman, pg, user, pw)
+    raw = RawClient(d.port)
+    raw.startup(user, "db1", pw)
+    raw.send(message(b"Q", b"LISTEN big\x00"))
+    assert _read_until_ready(raw) == [b"C", b"Z"]
+    reader = d.connect(user, "db1", pw)
+    reader.execute("LISTEN big")
+    n = 6000
+    with direct(pg, user) as dc:
+        dc.execute("SELECT pg_notify('big', repeat('x', 7900) || i) "
+                   "FROM generate_series(1, %s) i" % n)
+    got = notifies(reader, 20.0, n)
+    assert len(got) == n and got[-1][1].endswith(str(n))
+    # The non-reader's connection ends with PostgreSQL's "program limit exceeded" error.
+    kinds, last = [], None
+    try:
+        while True:
+            kind, payload = raw.recv_msg()
+            kinds.append(kind)
+            last = (kind, payload)
+    except Exception:
+        pass
+    assert last is not None and last[0] == b"E", kinds[-3:]
+    assert b"54000" in last[1]
+    assert set(kinds[:-1]) == {b"A"}
+    assert reader.execute("SELECT 1").fetchone() == (1,)
+    assert "too many notifications" in d.log() or "notifications not read" in d.log()
+    reader.close()
+
+
+def test_statement_parsing_follows_postgresql_names():
+    from pgdoorman.listen import parse, quote
+    assert parse(b"LISTEN Foo") == ("LISTEN", b"foo", b"Foo")
+    assert parse(b'listen "Foo""Bar" ;  ') == ("LISTEN", b'Foo"Bar', None)
+    assert parse(b"UNLISTEN *") == ("UNLISTEN", None, None)
+    assert parse(b"unlisten\tx_1$;") == ("UNLISTEN", b"x_1$", b"x_1$")
+    # Not a lone statement of one name: left to the server.
+    for q in (b"LISTEN *", b"LISTEN a; SELECT 1", b'LISTEN ""', b"LISTEN 1a", b"LISTENa",
+              b"LISTEN a b", b"/* c */ LISTEN a", b"LISTEN U&\"a\""):
+        assert parse(q) is None, q
+    # Cut to 63 bytes, never inside a UTF-8 character.
+    assert parse(b"LISTEN " + b"a" * 70)[1] == b"a" * 63
+    name = ("é" * 40).encode()
+    assert parse(b'LISTEN "' + name + b'"')[1] == ("é" * 31).encode()
+    assert quote(b'a"b') == b'"a""b"'
+
+
+def test_session_bytes_carry_channels_and_listen_statements():
+    from pgdoorman.session import ClientSession
+    s = ClientSession("db1", "alice", cancel_key=(1, 2))
+    s.channels = [b"a", b"\xc3\xa9 \"x\""]
+    s.listen_statements = {b"__asyncpg_stmt_1__": b'LISTEN "a"'}
+    t = ClientSession.from_bytes(s.to_bytes())
+    assert t.channels == s.channels and t.listen_statements == s.listen_statements
+    # A session from a process without the fields reads as listening to nothing.
+    v2 = b'{"version":2,"database":"d","user":"u","startup":{},"params":{},"cancel_key":[1,2]}'
+    assert ClientSession.from_bytes(v2).channels == []
