@@ -201,6 +201,8 @@ def answer_extended(client, data: bytes) -> bool:
     Parse of such a statement, Describe, Bind, Execute and Close of one, Flush and Sync are
     answered; anything else (False) goes to a server as usual.
     """
+    if client.relay.deferred_begin is not None:
+        return False  # inside a transaction block: the server's
     # A look at the first message before any work: most batches are not ours.
     statements = client.listen_statements
     first = data[0]
