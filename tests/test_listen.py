@@ -43,15 +43,23 @@ def direct(pg, user):
                            password=pg.passwords[user], autocommit=True)
 
 
-def test_notifications_reach_exactly_the_subscribed_clients(pg, pgdoorman, new_user):
+PYPY = os.path.join(REPO, ".venv-pypy", "bin", "python")
+
+
+@pytest.mark.parametrize("python", [pytest.param(None, id="cpython"),
+                                    pytest.param(PYPY, id="pypy")])
+def test_notifications_reach_exactly_the_subscribed_clients(pg, pgdoorman, new_user, python):
     """
     pool_size 2, six clients running transactions, three listening on different channels
     (one quoted, mixed case): NOTIFY from a pooled client and from a direct connection reach
     exactly the subscribed clients with their payloads; the pool never uses more than its two
-    servers plus the one listener.
+    servers plus the one listener.  On CPython and PyPy.
     """
+    if python is not None and not os.path.exists(python):
+        pytest.fail("%s is missing (tools/test-deps.sh creates .venv-pypy)" % python)
     user, pw = new_user()
-    d = start(pgdoorman, pg, user, pw, pool_size=2)
+    d = pgdoorman(simple_config(pg, user, pw, pool_size=2),
+                  argv=[python, "-m", "pgdoorman", "{config}"] if python else None)
     listeners = [d.connect(user, "db1", pw) for _ in range(3)]
     listeners[0].execute("LISTEN alpha")
     listeners[1].execute("LISTEN Beta")           # folded: beta
