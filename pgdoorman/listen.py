@@ -321,6 +321,23 @@ def answer_extended(client, data: bytes) -> bool:
     return True
 
 
+#: In a query that goes to a server: what ends every LISTEN of the session in PostgreSQL.
+_ENDS_ALL = re.compile(rb"\bunlisten" + _SPACE + rb"*\*|\bdiscard" + _SPACE + rb"+all\b",
+                       re.I)
+
+
+def seen_on_the_way(client, data: bytes) -> None:
+    """
+    A listening client's query goes to a server: an C{UNLISTEN *} or C{DISCARD ALL} in it
+    (asyncpg's connection reset, "...; UNLISTEN *; RESET ALL;") ends its subscriptions too,
+    as it would end the LISTENs of a PostgreSQL session.
+    """
+    if _ENDS_ALL.search(data, 5) is not None:
+        listener = client.pool.listener
+        if listener is not None:
+            listener.unlisten(client, None)
+
+
 def adopt(client, channels, statements) -> None:
     """
     A client handed over by the previous process (zero-downtime upgrade): it listens to

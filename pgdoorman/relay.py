@@ -123,6 +123,8 @@ class Relay:
                     status = b"T" if self.deferred_begin is not None else b"I"
                     client.send(_prepared.PARSE_COMPLETE * found + messages.ready_for_query(status))
                     return
+            if client.listen_channels and first == _QUERY:
+                _listen.seen_on_the_way(client, data)
         client.wait_for_server(data)
 
     def _answerAlone(self, data: bytes) -> bool:

@@ -31,11 +31,14 @@ def notifies(conn, timeout, count=None):
 
 
 def listener_backends(pg, user):
-    """Backends of C{user} whose last query was a LISTEN: pgdoorman's listener connections."""
+    """
+    Backends of C{user} whose last query was one LISTEN/UNLISTEN statement: pgdoorman's
+    listener connections (a client's LISTEN in transaction mode never reaches a server).
+    """
     with pg.connect_super() as c:
         return c.execute(
-            "SELECT pid FROM pg_stat_activity WHERE usename = %s AND query ILIKE '%%LISTEN%%' "
-            "AND query NOT ILIKE '%%pg_stat_activity%%'", [user]).fetchall()
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s "
+            r"AND query ~* '^\s*(un)?listen\s+[^;]*;?\s*$'", [user]).fetchall()
 
 
 def direct(pg, user):
@@ -294,8 +297,7 @@ def test_session_mode_is_unchanged(pg, pgdoorman, new_user):
     c.execute("LISTEN sess")
     # The client's own server LISTENs, as without a pooler.
     assert c.execute("SELECT pg_listening_channels()").fetchall() == [("sess",)]
-    assert listener_backends(pg, user) == [(c.info.backend_pid,)] or \
-        len(listener_backends(pg, user)) == 1
+    assert pg.count_backends(user) == 1  # no listener connection of pgdoorman's
     with direct(pg, user) as dc:
         dc.execute("NOTIFY sess, 's'")
     assert [p for _, p, _ in notifies(c, 2.0, 1)] == ["s"]
@@ -629,3 +631,37 @@ def test_session_bytes_carry_channels_and_listen_statements():
     # A session from a process without the fields reads as listening to nothing.
     v2 = b'{"version":2,"database":"d","user":"u","startup":{},"params":{},"cancel_key":[1,2]}'
     assert ClientSession.from_bytes(v2).channels == []
+
+
+@pytest.mark.timeout(120)
+def test_asyncpg_pool_release_resets_the_listeners(pg, pgdoorman, new_user):
+    """
+    asyncpg's pool resets a released connection with "...; UNLISTEN *; RESET ALL;": its
+    subscriptions end with it, as on PostgreSQL, and the listener connection goes.
+    """
+    import asyncio
+
+    import asyncpg
+    user, pw = new_user()
+    d = start(pgdoorman, pg, user, pw)
+
+    async def run():
+        pool = await asyncpg.create_pool(d.url(user, "db1", pw), min_size=1, max_size=1)
+        got = []
+        async with pool.acquire() as conn:
+            await conn.add_listener("pooled", lambda c, pid, ch, p: got.append(p))
+            with direct(pg, user) as dc:
+                dc.execute("NOTIFY pooled, 'while acquired'")
+            for _ in range(40):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == ["while acquired"]
+            assert len(listener_backends(pg, user)) == 1
+        await asyncio.sleep(0.3)
+        assert listener_backends(pg, user) == []
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 7") == 7
+        await pool.close()
+
+    asyncio.run(run())
