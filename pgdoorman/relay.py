@@ -104,16 +104,21 @@ class Relay:
             return
         if self._tx and self.scanner.between_messages and len(data) > 5:
             first = data[0]
-            if first == _QUERY and (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
-                                    and (data[5] not in _S or data[5:11].lower() == b"start ")) \
-                    and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
-                return
-            if first == _QUERY and data[5] in _L and self.fanout and \
-                    self.deferred_begin is None and data[5:11].lower() in _LISTEN_WORDS and \
-                    len(data) == 1 + _unpack_len(data, 1)[0] and _listen.answer(client, data):
-                return
-            if self.fanout and (first == _PARSE and data[5] or client.listen_statements
-                                and (first == _BIND or first == _CLOSE)) and \
+            if first == _QUERY:
+                if (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
+                        and (data[5] not in _S or data[5:11].lower() == b"start ")) \
+                        and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
+                    return
+                # LISTEN/NOTIFY fan-out (pgdoorman.listen): a lone LISTEN/UNLISTEN is the
+                # pooler's; an UNLISTEN * on its way to a server ends the subscriptions.
+                if data[5] in _L and self.fanout and self.deferred_begin is None and \
+                        data[5:11].lower() in _LISTEN_WORDS and \
+                        len(data) == 1 + _unpack_len(data, 1)[0] and _listen.answer(client, data):
+                    return
+                if client.listen_channels:
+                    _listen.seen_on_the_way(client, data)
+            elif self.fanout and (first == _PARSE and data[5] or client.listen_statements
+                                  and (first == _BIND or first == _CLOSE)) and \
                     _listen.answer_extended(client, data):
                 return  # asyncpg's add_listener (a LISTEN through the extended protocol)
             if first == _PARSE and self.remap is not None and data[5]:  # a named Parse
@@ -123,8 +128,6 @@ class Relay:
                     status = b"T" if self.deferred_begin is not None else b"I"
                     client.send(_prepared.PARSE_COMPLETE * found + messages.ready_for_query(status))
                     return
-            if client.listen_channels and first == _QUERY:
-                _listen.seen_on_the_way(client, data)
         client.wait_for_server(data)
 
     def _answerAlone(self, data: bytes) -> bool:
