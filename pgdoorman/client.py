@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 from twisted.internet import protocol, reactor
 from twisted.logger import Logger
 
+from pgdoorman import listen as _listen
 from pgdoorman import params as _params
 from pgdoorman import sockopts
 from pgdoorman.login import ADMIN_DATABASES, Joining, Startup
@@ -90,6 +91,13 @@ class ClientConnection(protocol.Protocol):
         self.adopting: Optional[ClientSession] = None
         #: handed to the next process: its connection closes here without a goodbye.
         self.migrated = False
+        #: channels it LISTENs through the pool's listener (L{pgdoorman.listen}), and the
+        #: notifications waiting for its server to go back to the pool.
+        self.listen_channels: Optional[set] = None
+        self.notifies: Optional[List[bytes]] = None
+        #: its named statements of one LISTEN/UNLISTEN, kept here and never Parsed on a
+        #: server (asyncpg's add_listener): name -> (kind, channel, text).
+        self.listen_statements: Optional[dict] = None
         self._queued: List[bytes] = []
         self._queued_len = 0
         self._login_timer = None
@@ -206,6 +214,7 @@ class ClientConnection(protocol.Protocol):
         check = general.pooler_check_query.strip().rstrip(";").strip()
         self.relay = Relay(self, pool.transaction_mode, self.remap,
                            None if check else general.pooler_check_query.encode("utf-8"))
+        self.relay.fanout = pool.transaction_mode and general.listen_fanout
 
     def logged_in(self) -> None:
         """Parameters known: tell the client, register its cancel key, start the relay."""
@@ -235,6 +244,21 @@ class ClientConnection(protocol.Protocol):
         self._queued_len = len(data)
         self.waiting = True
         self.pool.checkout(self)
+
+    def replay_queued(self) -> None:
+        """
+        The pooler answered a query itself after a wait (a LISTEN, L{pgdoorman.listen}):
+        what the client sent meanwhile is read now.
+        """
+        self.waiting = False
+        queued = self._queued
+        self._queued = []
+        self._queued_len = 0
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if queued:
+            self.relay.dataReceived(b"".join(queued))
 
     def queue(self, data: bytes) -> None:
         """Bytes that arrive while no server can take them wait their turn, up to a limit."""
@@ -292,6 +316,8 @@ class ClientConnection(protocol.Protocol):
                 pool.checkin(server)
             else:
                 self._discard(server)
+            if self.notifies is not None:
+                _listen.flush(self)
 
     def serverUnavailable(self, err: errors.PgError) -> None:
         """No server could be had (connect failed, query_wait_timeout)."""
@@ -394,6 +420,8 @@ class ClientConnection(protocol.Protocol):
             server = self.server
             if server is not None:
                 self.give_back(server)
+            if self.listen_channels is not None and pool.listener is not None:
+                pool.listener.drop(self)
         if self.service.config.general.log_client_disconnections and self.session.user \
                 and not self.migrated:
             self.log.info("client {peer} ({user}@{db}) disconnected", peer=self.peer,
@@ -428,6 +456,9 @@ class ClientConnection(protocol.Protocol):
         s.scram_client_key = self.scram_client_key
         s.query_count = self.query_count
         s.client_bytes = self.client_bytes
+        s.channels = sorted(self.listen_channels) if self.listen_channels else []
+        s.listen_statements = {name: st[2] for name, st in self.listen_statements.items()} \
+            if self.listen_statements else {}
         return s
 
     def _adopt(self, s: ClientSession) -> None:
@@ -456,6 +487,8 @@ class ClientConnection(protocol.Protocol):
         self.query_count = s.query_count
         self.client_bytes = s.client_bytes
         self.cancel_key = self.service.adopt_client(self, s.cancel_key)
+        if self.relay.fanout:
+            _listen.adopt(self, s.channels, s.listen_statements)
         self.enter(self.relay)
 
 

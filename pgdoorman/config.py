@@ -239,6 +239,12 @@ OPTIONS: List[Option] = (
         _r("sync_server_parameters", "bool", False,
            "Replay parameters the client SET on other server connections in "
            "transaction mode.", implemented=False),
+        _r("listen_fanout", "bool", True,
+           "In transaction mode, a client's lone LISTEN/UNLISTEN is answered by "
+           "the pooler: one extra server connection per pool LISTENs for all its "
+           "clients and hands them their notifications, so a listening client "
+           "takes no server (see docs/listen.md). Off: LISTEN goes to the "
+           "client's current server like any query."),
         _r("pooler_check_query", "str", ";",
            "Query answered by the pooler itself, used for health checks and "
            "server_idle_check_timeout."),
@@ -847,6 +853,7 @@ class GeneralConfig:
     max_memory_usage: int
     server_round_robin: bool
     sync_server_parameters: bool
+    listen_fanout: bool
     pooler_check_query: str
     worker_threads: int
     worker_cpu_affinity_pinning: bool

@@ -103,6 +103,9 @@ class Pool:
         #: servers being checked before a checkout (server_idle_check_timeout, sv_tested).
         self.testing: set = set()
         self.idle_check = service.config.general.server_idle_check_timeout
+        #: the connection that LISTENs for the pool's clients (L{pgdoorman.listen.Listener}),
+        #: made by the first LISTEN.
+        self.listener = None
 
     # -- clients asking for and giving back servers -----------------------------------------
 

@@ -17,6 +17,7 @@ import struct
 import time
 from typing import Optional
 
+from pgdoorman import listen as _listen
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
 from pgdoorman.link import FORWARD_ENTRY, PROBE_ENTRY, QUERY_ENTRY, SYNC_ENTRY
@@ -55,6 +56,9 @@ _EMPTY_QUERY_REPLY = messages.message(b"I") + _IDLE_REPLY
 _MAYBE_ALONE = frozenset(b"bBsS;")
 _S = frozenset(b"sS")  # of those, START TRANSACTION (and not SELECT) is the one to look at
 _B = frozenset(b"bB")
+#: First bytes of a simple query that may be a lone LISTEN/UNLISTEN (L{pgdoorman.listen}).
+_L = frozenset(b"lLuU")
+_LISTEN_WORDS = (b"listen", b"unlist")
 
 
 class Relay:
@@ -64,6 +68,8 @@ class Relay:
     @ivar remap: the client's prepared statements (transaction mode with the cache on).
     @ivar deferred_begin: a lone BEGIN answered without a server, sent ahead of the next query.
     @ivar terminate: the client said Terminate: close once what came before it is sent.
+    @ivar fanout: a lone LISTEN/UNLISTEN is answered by the pool's listener
+        (L{pgdoorman.listen}; transaction mode with general.listen_fanout).
     """
 
     def __init__(self, client, transaction_mode: bool, remap, check_query: Optional[bytes]):
@@ -72,6 +78,7 @@ class Relay:
         self.remap = remap
         self.deferred_begin: Optional[bytes] = None
         self.terminate = False
+        self.fanout = False
         self._tx = transaction_mode
         #: only an empty check query (";") has an answer we can give without PostgreSQL.
         self._check_query = check_query
@@ -98,10 +105,23 @@ class Relay:
             return
         if self._tx and self.scanner.between_messages and len(data) > 5:
             first = data[0]
-            if first == _QUERY and (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
-                                    and (data[5] not in _S or data[5:11].lower() == b"start ")) \
-                    and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
-                return
+            if first == _QUERY:
+                if (self.deferred_begin is not None or data[5] in _MAYBE_ALONE
+                        and (data[5] not in _S or data[5:11].lower() == b"start ")) \
+                        and len(data) == 1 + _unpack_len(data, 1)[0] and self._answerAlone(data):
+                    return
+                # LISTEN/NOTIFY fan-out (pgdoorman.listen): a lone LISTEN/UNLISTEN is the
+                # pooler's; an UNLISTEN * on its way to a server ends the subscriptions.
+                if data[5] in _L and self.fanout and self.deferred_begin is None and \
+                        data[5:11].lower() in _LISTEN_WORDS and \
+                        len(data) == 1 + _unpack_len(data, 1)[0] and _listen.answer(client, data):
+                    return
+                if client.listen_channels:
+                    _listen.seen_on_the_way(client, data)
+            elif self.fanout and (first == _PARSE and data[5] or client.listen_statements
+                                  and (first == _BIND or first == _CLOSE)) and \
+                    _listen.answer_extended(client, data):
+                return  # asyncpg's add_listener (a LISTEN through the extended protocol)
             if first == _PARSE and self.remap is not None and data[5]:  # a named Parse
                 found = self.remap.answer_locally(data)
                 if found:

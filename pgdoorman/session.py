@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 #: Bumped when a field changes meaning; L{ClientSession.from_bytes} refuses what it can't read.
 #: Version 2 (zero-downtime upgrade) adds the prepared statements, the startup values, the
@@ -45,11 +45,16 @@ class ClientSession:
     @ivar scram_client_key: the ClientKey recovered from the client's SCRAM login, if any (it
         lets the pool log in to a SCRAM server holding only the secret).
     @ivar query_count, client_bytes: the client's counters so far.
+    @ivar channels: the channels it LISTENs through its pool's listener (L{pgdoorman.listen}),
+        as PostgreSQL names them (bytes); an optional field, so still format version 2.
+    @ivar listen_statements: its named statements of one LISTEN/UNLISTEN that never went to a
+        server (asyncpg's add_listener): name -> statement text (optional, as C{channels}).
     """
 
     __slots__ = ("database", "user", "startup", "params", "cancel_key", "peer",
                  "connected_at", "startup_values", "prepared", "scram_client_key",
-                 "query_count", "client_bytes")
+                 "query_count", "client_bytes", "channels",
+                 "listen_statements")
 
     def __init__(self, database: str = "", user: str = "",
                  startup: Optional[Dict[str, str]] = None,
@@ -68,6 +73,8 @@ class ClientSession:
         self.scram_client_key: Optional[bytes] = None
         self.query_count = 0
         self.client_bytes = 0
+        self.channels: List[bytes] = []
+        self.listen_statements: Dict[bytes, bytes] = {}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"version": FORMAT_VERSION, "database": self.database, "user": self.user,
@@ -79,7 +86,10 @@ class ClientSession:
                 "prepared": [[_b64(name), _b64(body)] for name, body in self.prepared.items()],
                 "scram_client_key": _b64(self.scram_client_key)
                 if self.scram_client_key is not None else None,
-                "query_count": self.query_count, "client_bytes": self.client_bytes}
+                "query_count": self.query_count, "client_bytes": self.client_bytes,
+                "channels": [_b64(c) for c in self.channels],
+                "listen_statements": [[_b64(n), _b64(t)]
+                                      for n, t in self.listen_statements.items()]}
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
@@ -106,6 +116,9 @@ class ClientSession:
             s.scram_client_key = _unb64(ck) if ck else None
             s.query_count = int(d.get("query_count") or 0)
             s.client_bytes = int(d.get("client_bytes") or 0)
+            s.channels = [_unb64(c) for c in d.get("channels") or ()]
+            s.listen_statements = {_unb64(n): _unb64(t)
+                                   for n, t in d.get("listen_statements") or ()}
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise SessionFormatError("client session is not valid: %r" % (e,))
         return s
