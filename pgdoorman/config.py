@@ -290,7 +290,9 @@ OPTIONS: List[Option] = (
         _r("tls_ca_file", "str", None, "Old name of tls_ca_cert.",
            alias_of="tls_ca_cert"),
         _r("tls_mode", "str", None,
-           "Client TLS: allow, disable, require or verify-full."),
+           "Client TLS: allow, disable, require or verify-full (require and "
+           "verify-full apply to TCP clients: Unix-socket clients never use TLS, "
+           "as in PostgreSQL and PgBouncer)."),
         _r("tls_rate_limit_per_second", "int", 0,
            "Client TLS handshakes started per second (at least 100, a multiple "
            "of 100, as PgDoorman); clients over the limit wait their turn. 0 "

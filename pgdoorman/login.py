@@ -97,7 +97,9 @@ class Startup:
                                                 if buf else "invalid SSL request"))
                     return
                 mode, factory = _tls.client_tls.for_config(client.service.config.general)
-                if factory is None:
+                if factory is None or client.peer_host is None:
+                    # No TLS on a Unix socket, as PostgreSQL and PgBouncer answer: the
+                    # kernel is the transport, and libpq never asks there anyway.
                     client.transport.write(b"N")
                     continue
                 wait = _tlslimit.limiter.delay(
@@ -205,7 +207,10 @@ class Startup:
         client = self.client
         general = client.service.config.general
         mode = _tls.client_mode(general)
-        if mode in ("require", "verify-full") and not client.tls:
+        # Unix-socket clients are exempt (PgBouncer: "require SSL except on unix socket");
+        # pg_hba ``local`` rules decide for them, as in PostgreSQL.
+        if mode in ("require", "verify-full") and not client.tls and \
+                client.peer_host is not None:
             client.fatal(errors.PgError(
                 errors.INVALID_AUTHORIZATION,
                 "TLS required: pgdoorman accepts only encrypted connections",
