@@ -71,6 +71,7 @@ _HELP = """
 \tSHOW SOCKETS|LISTS|STATE|LOG_LEVEL|CONNECTIONS
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
 	SHOW PREPARED_STATEMENTS|PREPARED_QUERIES|AUTH_QUERY|POOL_COORDINATOR
+	SHOW STARTUP_PARAMETERS
 \tSET log_level = 'info'
 \tRELOAD
 \tPAUSE [<db>]
@@ -579,6 +580,29 @@ class AdminConsole:
         from pgdoorman.auth import query as _auth_query
         return Result("SHOW", _auth_query.SHOW_COLUMNS,
                       [aq.row() for aq in _auth_query.all_queries(self.pools)])
+
+    def show_startup_parameters(self) -> Result:
+        """
+        PgDoorman's SHOW STARTUP_PARAMETERS: one row per parameter per pool, with the
+        columns of PgDoorman 3.10's admin documentation (user, database, parameter, value,
+        source, state).  C{source} is C{general} or C{pool} (the more specific wins per
+        key); PgDoorman's third source, an auth_query column with per-user values, is not
+        read by pgdoorman, so it never appears.  C{state} is C{applied} for a live pool
+        (its next server's StartupMessage carries the value) and C{stale} for a pool that a
+        RELOAD replaced or removed and that drains with the values its servers were started
+        with.  PgDoorman's C{dropped_due_to_budget} does not occur: pgdoorman sends the whole
+        set.
+        """
+        rows = []
+        for pool in self.pools.all_pools():
+            s = pool.settings
+            sources = s.startup_parameter_sources
+            state = "stale" if pool.draining else "applied"
+            for key, value in sorted(s.startup_parameters.items()):
+                rows.append([pool.user, pool.database, key, value,
+                             sources.get(key, "pool"), state])
+        return Result("SHOW", [("user", "s"), ("database", "s"), ("parameter", "s"),
+                               ("value", "s"), ("source", "s"), ("state", "s")], rows)
 
     def show_log_level(self) -> Result:
         return Result("SHOW", [("log_level", "s")], [(logs.get_level(),)])

@@ -1039,6 +1039,9 @@ class PoolSettings:
     cleanup_server_connections: bool
     prepared_statements_cache_size: int
     server_prepared_statements_cache_size: int
+    #: where each of C{startup_parameters} came from, C{"general"} or C{"pool"}
+    #: (SHOW STARTUP_PARAMETERS's source column).
+    startup_parameter_sources: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -1100,6 +1103,8 @@ class Config:
 
         startup_parameters = dict(general.startup_parameters)
         startup_parameters.update(pool.startup_parameters)
+        sources = {key: "pool" if key in pool.startup_parameters else "general"
+                   for key in startup_parameters}
 
         return PoolSettings(
             pool_name=pool.name,
@@ -1125,6 +1130,7 @@ class Config:
             cleanup_server_connections=pool.cleanup_server_connections,
             prepared_statements_cache_size=cache_size,
             server_prepared_statements_cache_size=server_cache_size,
+            startup_parameter_sources=sources,
         )
 
 

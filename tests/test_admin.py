@@ -339,3 +339,53 @@ def test_shutdown_lets_transactions_finish_then_exits(pgdoorman, cfg):
     busy.commit()
     assert d.proc.wait(10) == 0
     busy.close()
+
+
+def test_show_startup_parameters_sources_and_stale_after_reload(pgdoorman, pg, new_user):
+    """
+    PgDoorman's SHOW STARTUP_PARAMETERS: a row per resolved parameter of each pool, the pool's
+    value winning over general's, and the values are what PostgreSQL sessions really get.
+    A RELOAD that changes them replaces the pool: the draining one's rows turn stale.
+    """
+    import os
+
+    import yaml
+    user, password = new_user()
+    config = simple_config(pg, user, password,
+                           general={"startup_parameters": {"statement_timeout": "5s",
+                                                           "work_mem": "8MB"}},
+                           pool={"startup_parameters": {"work_mem": "64MB"}})
+    d = pgdoorman(config)
+    rows = [r for r in show(d, "STARTUP_PARAMETERS") if r["user"] == user]
+    assert rows == [
+        {"user": user, "database": "db1", "parameter": "statement_timeout", "value": "5s",
+         "source": "general", "state": "applied"},
+        {"user": user, "database": "db1", "parameter": "work_mem", "value": "64MB",
+         "source": "pool", "state": "applied"},
+    ]
+    staying = d.connect(user, "db1", password, autocommit=False)
+    assert staying.execute("SHOW work_mem").fetchone()[0] == "64MB"
+    assert staying.execute("SHOW statement_timeout").fetchone()[0] == "5s"
+    # In a transaction (holding its server) across a RELOAD that changes the pool's value.
+    new = dict(config, pools={"db1": dict(config["pools"]["db1"],
+                                          startup_parameters={"work_mem": "32MB"})})
+    new["general"] = dict(config["general"], host="127.0.0.1", port=d.port)
+    with open(d.config_path + ".tmp", "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)
+    os.replace(d.config_path + ".tmp", d.config_path)
+    with admin(d) as conn:
+        conn.execute("RELOAD")
+        rows = [r for r in conn.execute("SHOW STARTUP_PARAMETERS").fetchall()
+                if r["user"] == user]
+    assert sorted((r["parameter"], r["value"], r["source"], r["state"]) for r in rows) == [
+        ("statement_timeout", "5s", "general", "applied"),
+        ("statement_timeout", "5s", "general", "stale"),
+        ("work_mem", "32MB", "pool", "applied"),
+        ("work_mem", "64MB", "pool", "stale"),
+    ]
+    with d.connect(user, "db1", password) as fresh:
+        assert fresh.execute("SHOW work_mem").fetchone()[0] == "32MB"
+    assert staying.execute("SHOW work_mem").fetchone()[0] == "64MB"
+    staying.close()
+    wait_until(lambda: all(r["state"] == "applied" for r in show(d, "STARTUP_PARAMETERS")),
+               message="the drained pool's rows go with it")

@@ -314,6 +314,7 @@ class AuthQuery:
             client_password=password,
             server_database=aq.database or pcfg.server_database,
             application_name="pgdoorman auth_query", startup_parameters={},
+            startup_parameter_sources={},
             prepared_statements_cache_size=0, server_prepared_statements_cache_size=0)
 
     def _connect(self) -> None:
