@@ -357,8 +357,16 @@ class AdminConsole:
         server = client.server
         params = client.params or {}
         connected = getattr(client.session, "connected_at", 0.0) or time.time()
+        # PgBouncer's "when last request was done": a waiting client's request is the one it
+        # waits with; otherwise the relay's stamp of the last request sent to a server
+        # (requests answered without a server, such as a deferred BEGIN, do not move it).
+        if client.waiting and client.wait_started:
+            requested = _wall(client.wait_started)
+        else:
+            at = getattr(client, "request_at", 0.0)
+            requested = max(_wall(at), connected) if at else connected
         row = ["C", client.session.user, pool.database, "none", state, addr, port, laddr,
-               lport, connected, connected, wait, wait_us, 0, "0x%x" % client.id,
+               lport, connected, requested, wait, wait_us, 0, "0x%x" % client.id,
                "0x%x" % server.id if server is not None else "", 0,
                _tls_info(t) if client.tls else "",
                params.get("application_name") or "",

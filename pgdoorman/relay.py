@@ -152,7 +152,7 @@ class Relay:
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.
             if not link.pending:
-                server.query_start = _monotonic()
+                server.query_start = client.request_at = _monotonic()
             link.pending += 1
             if self._tx:
                 link.expect.append(QUERY_ENTRY)
@@ -173,7 +173,7 @@ class Relay:
                 server.send(ahead)
             return
         if before == 0 and link.pending:
-            server.query_start = _monotonic()
+            server.query_start = client.request_at = _monotonic()
         client.query_count += link.pending - before
         if ahead:
             out = ahead + out if out else ahead

@@ -389,3 +389,42 @@ def test_show_startup_parameters_sources_and_stale_after_reload(pgdoorman, pg, n
     staying.close()
     wait_until(lambda: all(r["state"] == "applied" for r in show(d, "STARTUP_PARAMETERS")),
                message="the drained pool's rows go with it")
+
+
+def _stamp(text):
+    import calendar
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S UTC"))
+
+
+def test_show_clients_request_time_is_the_last_request(pgdoorman, pg, cfg):
+    """
+    PgBouncer's request_time, "when last request was done": it moves with each query (in a
+    transaction or out of one) and stays put while the client is idle; connect_time does not.
+    """
+    user, password, config = cfg
+    d = pgdoorman(config)
+    with d.connect(user, "db1", password) as conn:
+        conn.execute("SELECT 1")
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        connected = _stamp(row["connect_time"])
+        assert abs(_stamp(row["request_time"]) - time.time()) <= 2
+        time.sleep(2.2)
+        before = time.time()
+        conn.execute("SELECT 2")
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        assert _stamp(row["connect_time"]) == connected
+        requested = _stamp(row["request_time"])
+        assert requested >= connected + 2 and abs(requested - before) <= 1, row
+        time.sleep(2.2)  # idle: nothing moves
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        assert _stamp(row["request_time"]) == requested
+        # Inside a transaction (the server stays with the client) each query counts too.
+        with conn.transaction():
+            conn.execute("SELECT 3")
+            time.sleep(2.2)
+            before = time.time()
+            conn.execute("SELECT 4")
+            row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+            assert row["state"] == "active"
+            assert abs(_stamp(row["request_time"]) - before) <= 1, row
+            assert _stamp(row["request_time"]) >= requested + 4
