@@ -207,12 +207,14 @@ class Relay:
             return None
         if code == _FLUSH:
             # Drivers send Flush after a Sync too; on its own it starts nothing that would
-            # keep the server from going back to the pool.  One with a body is an error in
-            # PostgreSQL that would leave the server skipping to a Sync: not passed on.
+            # keep the server from going back to the pool.  One with a body is PostgreSQL's
+            # ERROR "invalid message format" (pq_getmsgend), after which it skips to the
+            # client's Sync, as after a failed Execute: passed on as such, so the client sees
+            # exactly PostgreSQL's answer (a transaction block aborted with it), and the
+            # server stays with the client until that Sync (a client that leaves before it
+            # leaves a dirty server, which nobody else is given).
             if end - pos != 5:
-                client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
-                                            "invalid message format (Flush with a body)"))
-                return STOP
+                link.dirty = True
             return None
         if code == _COPY_DONE or code == _COPY_FAIL:
             link.copy_done()
