@@ -40,6 +40,8 @@ _PASS = frozenset((messages.COPY_DATA,))
 _COPY_DONE = messages.COPY_DONE
 _COPY_FAIL = messages.COPY_FAIL
 _FLUSH = messages.FLUSH
+#: PostgreSQL's PQ_SMALL_MESSAGE_LIMIT: the most it reads of a Flush, Sync, Close, ...
+_SMALL_MESSAGE_LIMIT = 10000
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
 #: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
@@ -214,6 +216,12 @@ class Relay:
             # server stays with the client until that Sync (a client that leaves before it
             # leaves a dirty server, which nobody else is given).
             if end - pos != 5:
+                if end - pos - 5 > _SMALL_MESSAGE_LIMIT:
+                    # Past PostgreSQL's limit for a Flush it drops the connection at the
+                    # header; ending the client here spares the server.
+                    client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                                "invalid message length"))
+                    return STOP
                 link.dirty = True
             return None
         if code == _COPY_DONE or code == _COPY_FAIL:

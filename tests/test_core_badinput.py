@@ -306,3 +306,19 @@ def test_flush_with_a_body_is_answered_as_postgresql_does(d, pg, bystander, sequ
     assert _transcript(raw, readies) == want
     assert raw.query("SELECT 'still here'") == [("still here",)]
     raw.terminate()
+
+
+def test_flush_over_postgresql_limit_ends_the_client(d, pg, bystander):
+    """
+    PostgreSQL reads at most 10000 bytes of a Flush (PQ_SMALL_MESSAGE_LIMIT) and drops the
+    connection at a longer one; pgdoorman ends the client there too (with a word), and the
+    server is not sent to its death.
+    """
+    big = message(b"H", b"x" * 10001)
+    direct = RawClient(pg.port).startup(USER, "db1", pg.passwords.get(USER, PW))
+    direct.send(big)
+    assert direct.closed_within(5)
+    raw = RawClient(d.port).startup(USER, "db1", PW)
+    raw.send(big)
+    fields = raw.read_error_then_close(5)
+    assert fields.get("C") == "08P01" and fields.get("M") == "invalid message length", fields
