@@ -71,6 +71,7 @@ _HELP = """
 \tSHOW SOCKETS|LISTS|STATE|LOG_LEVEL|CONNECTIONS
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
 	SHOW PREPARED_STATEMENTS|PREPARED_QUERIES|AUTH_QUERY|POOL_COORDINATOR
+	SHOW STARTUP_PARAMETERS
 \tSET log_level = 'info'
 \tRELOAD
 \tPAUSE [<db>]
@@ -356,8 +357,16 @@ class AdminConsole:
         server = client.server
         params = client.params or {}
         connected = getattr(client.session, "connected_at", 0.0) or time.time()
+        # PgBouncer's "when last request was done": a waiting client's request is the one it
+        # waits with; otherwise the relay's stamp of the last request sent to a server
+        # (requests answered without a server, such as a deferred BEGIN, do not move it).
+        if client.waiting and client.wait_started:
+            requested = _wall(client.wait_started)
+        else:
+            at = getattr(client, "request_at", 0.0)
+            requested = max(_wall(at), connected) if at else connected
         row = ["C", client.session.user, pool.database, "none", state, addr, port, laddr,
-               lport, connected, connected, wait, wait_us, 0, "0x%x" % client.id,
+               lport, connected, requested, wait, wait_us, 0, "0x%x" % client.id,
                "0x%x" % server.id if server is not None else "", 0,
                _tls_info(t) if client.tls else "",
                params.get("application_name") or "",
@@ -579,6 +588,29 @@ class AdminConsole:
         from pgdoorman.auth import query as _auth_query
         return Result("SHOW", _auth_query.SHOW_COLUMNS,
                       [aq.row() for aq in _auth_query.all_queries(self.pools)])
+
+    def show_startup_parameters(self) -> Result:
+        """
+        PgDoorman's SHOW STARTUP_PARAMETERS: one row per parameter per pool, with the
+        columns of PgDoorman 3.10's admin documentation (user, database, parameter, value,
+        source, state).  C{source} is C{general} or C{pool} (the more specific wins per
+        key); PgDoorman's third source, an auth_query column with per-user values, is not
+        read by pgdoorman, so it never appears.  C{state} is C{applied} for a live pool
+        (its next server's StartupMessage carries the value) and C{stale} for a pool that a
+        RELOAD replaced or removed and that drains with the values its servers were started
+        with.  PgDoorman's C{dropped_due_to_budget} does not occur: pgdoorman sends the whole
+        set.
+        """
+        rows = []
+        for pool in self.pools.all_pools():
+            s = pool.settings
+            sources = s.startup_parameter_sources
+            state = "stale" if pool.draining else "applied"
+            for key, value in sorted(s.startup_parameters.items()):
+                rows.append([pool.user, pool.database, key, value,
+                             sources.get(key, "pool"), state])
+        return Result("SHOW", [("user", "s"), ("database", "s"), ("parameter", "s"),
+                               ("value", "s"), ("source", "s"), ("state", "s")], rows)
 
     def show_log_level(self) -> Result:
         return Result("SHOW", [("log_level", "s")], [(logs.get_level(),)])

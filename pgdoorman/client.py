@@ -86,6 +86,10 @@ class ClientConnection(protocol.Protocol):
         #: Sync/Query/FunctionCall messages and bytes received from this client, for the stats.
         self.query_count = 0
         self.client_bytes = 0
+        #: time.monotonic() of the client's last request that went to a server (SHOW
+        #: CLIENTS request_time): the relay's query-start stamp, shared, so no clock read
+        #: of its own; 0.0 before the first one.
+        self.request_at = 0.0
         #: set before connectionMade to take over a client from the previous process
         #: (zero-downtime upgrade, L{pgdoorman.upgrade}) instead of reading a startup packet.
         self.adopting: Optional[ClientSession] = None

@@ -296,7 +296,9 @@ OPTIONS: List[Option] = (
         _r("tls_ca_file", "str", None, "Old name of tls_ca_cert.",
            alias_of="tls_ca_cert"),
         _r("tls_mode", "str", None,
-           "Client TLS: allow, disable, require or verify-full."),
+           "Client TLS: allow, disable, require or verify-full (require and "
+           "verify-full apply to TCP clients: Unix-socket clients never use TLS, "
+           "as in PostgreSQL and PgBouncer)."),
         _r("tls_rate_limit_per_second", "int", 0,
            "Client TLS handshakes started per second (at least 100, a multiple "
            "of 100, as PgDoorman); clients over the limit wait their turn. 0 "
@@ -1044,6 +1046,9 @@ class PoolSettings:
     cleanup_server_connections: bool
     prepared_statements_cache_size: int
     server_prepared_statements_cache_size: int
+    #: where each of C{startup_parameters} came from, C{"general"} or C{"pool"}
+    #: (SHOW STARTUP_PARAMETERS's source column).
+    startup_parameter_sources: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -1105,6 +1110,8 @@ class Config:
 
         startup_parameters = dict(general.startup_parameters)
         startup_parameters.update(pool.startup_parameters)
+        sources = {key: "pool" if key in pool.startup_parameters else "general"
+                   for key in startup_parameters}
 
         return PoolSettings(
             pool_name=pool.name,
@@ -1130,6 +1137,7 @@ class Config:
             cleanup_server_connections=pool.cleanup_server_connections,
             prepared_statements_cache_size=cache_size,
             server_prepared_statements_cache_size=server_cache_size,
+            startup_parameter_sources=sources,
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import OrderedDict
 from typing import Dict, Optional
 
 from twisted.internet import reactor
@@ -39,21 +40,32 @@ ADMIN_DATABASES = ("pgdoorman", "pgbouncer")
 #: Authentication messages are small; a client may not make us hold more of one than this.
 MAX_AUTH_MESSAGE = 65536
 
-_scram_secrets: Dict[str, _scram.ScramSecret] = {}
+#: How many derived SCRAM secrets L{scram_secret} keeps.  The config holds a handful of
+#: passwords, but auth_query brings one secret per looked-up user (and a new one whenever a
+#: password changes): the cache keeps the most recently used, so it cannot grow without end.
+SCRAM_SECRET_CACHE_SIZE = 4096
+
+_scram_secrets: "OrderedDict[str, _scram.ScramSecret]" = OrderedDict()
 
 
 def scram_secret(password: str) -> _scram.ScramSecret:
     """
     The SCRAM secret for a configured password; derived once per plaintext password, since
-    4096 rounds of PBKDF2 per login would be the most expensive thing the pooler does.
+    4096 rounds of PBKDF2 per login would be the most expensive thing the pooler does.  An
+    LRU of L{SCRAM_SECRET_CACHE_SIZE} entries.
     """
-    secret = _scram_secrets.get(password)
-    if secret is None:
-        if password.startswith("SCRAM-SHA-256$"):
-            secret = _scram.parse_scram_secret(password)
-        else:
-            secret = _scram.secret_from_password(password)
-        _scram_secrets[password] = secret
+    cache = _scram_secrets
+    secret = cache.get(password)
+    if secret is not None:
+        cache.move_to_end(password)
+        return secret
+    if password.startswith("SCRAM-SHA-256$"):
+        secret = _scram.parse_scram_secret(password)
+    else:
+        secret = _scram.secret_from_password(password)
+    cache[password] = secret
+    while len(cache) > SCRAM_SECRET_CACHE_SIZE:
+        cache.popitem(last=False)
     return secret
 
 
@@ -97,7 +109,9 @@ class Startup:
                                                 if buf else "invalid SSL request"))
                     return
                 mode, factory = _tls.client_tls.for_config(client.service.config.general)
-                if factory is None:
+                if factory is None or client.peer_host is None:
+                    # No TLS on a Unix socket, as PostgreSQL and PgBouncer answer: the
+                    # kernel is the transport, and libpq never asks there anyway.
                     client.transport.write(b"N")
                     continue
                 wait = _tlslimit.limiter.delay(
@@ -205,7 +219,10 @@ class Startup:
         client = self.client
         general = client.service.config.general
         mode = _tls.client_mode(general)
-        if mode in ("require", "verify-full") and not client.tls:
+        # Unix-socket clients are exempt (PgBouncer: "require SSL except on unix socket");
+        # pg_hba ``local`` rules decide for them, as in PostgreSQL.
+        if mode in ("require", "verify-full") and not client.tls and \
+                client.peer_host is not None:
             client.fatal(errors.PgError(
                 errors.INVALID_AUTHORIZATION,
                 "TLS required: pgdoorman accepts only encrypted connections",

@@ -529,7 +529,8 @@ class PoolService(service.Service):
         password, pool_mode, ...) are replaced by a new pool for new clients and the old one
         drains the same way.  Other changes (pool_size, timeouts, min_pool_size) apply in
         place.  Passwords are read from the config at each login, so a changed password
-        applies to the next login.
+        applies to the next login.  Pools of users looked up by an auth_query are judged
+        the same way (L{pgdoorman.auth.query.reload_settings}).
 
         @return: what changed, as lists of "db/user" under "added", "changed", "replaced" and
             "removed", for the log.
@@ -541,11 +542,18 @@ class PoolService(service.Service):
         for key, pool in list(self.pools.items()):
             db, user = key
             pcfg = config.pools.get(db)
-            if pcfg is None or pcfg.user(user) is None:
+            if pcfg is not None and pcfg.user(user) is None and \
+                    getattr(pool, "auth_query", False):
+                # A looked-up user's pool stays unless its settings changed (PgDoorman).
+                settings = _auth_query.reload_settings(config, pcfg, pool)
+            elif pcfg is None or pcfg.user(user) is None:
+                settings = None
+            else:
+                settings = config.pool_settings(db, user)
+            if settings is None:
                 report["removed"].append("%s/%s" % key)
                 self._startDrain(key, pool)
                 continue
-            settings = config.pool_settings(db, user)
             if any(getattr(settings, f) != getattr(pool.settings, f) for f in _IDENTITY):
                 report["replaced"].append("%s/%s" % key)
                 self._startDrain(key, pool)

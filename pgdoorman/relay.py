@@ -41,6 +41,8 @@ _PASS = frozenset((messages.COPY_DATA,))
 _COPY_DONE = messages.COPY_DONE
 _COPY_FAIL = messages.COPY_FAIL
 _FLUSH = messages.FLUSH
+#: PostgreSQL's PQ_SMALL_MESSAGE_LIMIT: the most it reads of a Flush, Sync, Close, ...
+_SMALL_MESSAGE_LIMIT = 10000
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
 #: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
@@ -173,7 +175,7 @@ class Relay:
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.
             if not link.pending:
-                server.query_start = _monotonic()
+                server.query_start = client.request_at = _monotonic()
             link.pending += 1
             if self._tx:
                 link.expect.append(QUERY_ENTRY)
@@ -194,7 +196,7 @@ class Relay:
                 server.send(ahead)
             return
         if before == 0 and link.pending:
-            server.query_start = _monotonic()
+            server.query_start = client.request_at = _monotonic()
         client.query_count += link.pending - before
         if ahead:
             out = ahead + out if out else ahead
@@ -228,12 +230,20 @@ class Relay:
             return None
         if code == _FLUSH:
             # Drivers send Flush after a Sync too; on its own it starts nothing that would
-            # keep the server from going back to the pool.  One with a body is an error in
-            # PostgreSQL that would leave the server skipping to a Sync: not passed on.
+            # keep the server from going back to the pool.  One with a body is PostgreSQL's
+            # ERROR "invalid message format" (pq_getmsgend), after which it skips to the
+            # client's Sync, as after a failed Execute: passed on as such, so the client sees
+            # exactly PostgreSQL's answer (a transaction block aborted with it), and the
+            # server stays with the client until that Sync (a client that leaves before it
+            # leaves a dirty server, which nobody else is given).
             if end - pos != 5:
-                client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
-                                            "invalid message format (Flush with a body)"))
-                return STOP
+                if end - pos - 5 > _SMALL_MESSAGE_LIMIT:
+                    # Past PostgreSQL's limit for a Flush it drops the connection at the
+                    # header; ending the client here spares the server.
+                    client.fatal(errors.PgError(errors.PROTOCOL_VIOLATION,
+                                                "invalid message length"))
+                    return STOP
+                link.dirty = True
             return None
         if code == _COPY_DONE or code == _COPY_FAIL:
             link.copy_done()

@@ -339,3 +339,92 @@ def test_shutdown_lets_transactions_finish_then_exits(pgdoorman, cfg):
     busy.commit()
     assert d.proc.wait(10) == 0
     busy.close()
+
+
+def test_show_startup_parameters_sources_and_stale_after_reload(pgdoorman, pg, new_user):
+    """
+    PgDoorman's SHOW STARTUP_PARAMETERS: a row per resolved parameter of each pool, the pool's
+    value winning over general's, and the values are what PostgreSQL sessions really get.
+    A RELOAD that changes them replaces the pool: the draining one's rows turn stale.
+    """
+    import os
+
+    import yaml
+    user, password = new_user()
+    config = simple_config(pg, user, password,
+                           general={"startup_parameters": {"statement_timeout": "5s",
+                                                           "work_mem": "8MB"}},
+                           pool={"startup_parameters": {"work_mem": "64MB"}})
+    d = pgdoorman(config)
+    rows = [r for r in show(d, "STARTUP_PARAMETERS") if r["user"] == user]
+    assert rows == [
+        {"user": user, "database": "db1", "parameter": "statement_timeout", "value": "5s",
+         "source": "general", "state": "applied"},
+        {"user": user, "database": "db1", "parameter": "work_mem", "value": "64MB",
+         "source": "pool", "state": "applied"},
+    ]
+    staying = d.connect(user, "db1", password, autocommit=False)
+    assert staying.execute("SHOW work_mem").fetchone()[0] == "64MB"
+    assert staying.execute("SHOW statement_timeout").fetchone()[0] == "5s"
+    # In a transaction (holding its server) across a RELOAD that changes the pool's value.
+    new = dict(config, pools={"db1": dict(config["pools"]["db1"],
+                                          startup_parameters={"work_mem": "32MB"})})
+    new["general"] = dict(config["general"], host="127.0.0.1", port=d.port)
+    with open(d.config_path + ".tmp", "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)
+    os.replace(d.config_path + ".tmp", d.config_path)
+    with admin(d) as conn:
+        conn.execute("RELOAD")
+        rows = [r for r in conn.execute("SHOW STARTUP_PARAMETERS").fetchall()
+                if r["user"] == user]
+    assert sorted((r["parameter"], r["value"], r["source"], r["state"]) for r in rows) == [
+        ("statement_timeout", "5s", "general", "applied"),
+        ("statement_timeout", "5s", "general", "stale"),
+        ("work_mem", "32MB", "pool", "applied"),
+        ("work_mem", "64MB", "pool", "stale"),
+    ]
+    with d.connect(user, "db1", password) as fresh:
+        assert fresh.execute("SHOW work_mem").fetchone()[0] == "32MB"
+    assert staying.execute("SHOW work_mem").fetchone()[0] == "64MB"
+    staying.close()
+    wait_until(lambda: all(r["state"] == "applied" for r in show(d, "STARTUP_PARAMETERS")),
+               message="the drained pool's rows go with it")
+
+
+def _stamp(text):
+    import calendar
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S UTC"))
+
+
+def test_show_clients_request_time_is_the_last_request(pgdoorman, pg, cfg):
+    """
+    PgBouncer's request_time, "when last request was done": it moves with each query (in a
+    transaction or out of one) and stays put while the client is idle; connect_time does not.
+    """
+    user, password, config = cfg
+    d = pgdoorman(config)
+    with d.connect(user, "db1", password) as conn:
+        conn.execute("SELECT 1")
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        connected = _stamp(row["connect_time"])
+        assert abs(_stamp(row["request_time"]) - time.time()) <= 2
+        time.sleep(2.2)
+        before = time.time()
+        conn.execute("SELECT 2")
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        assert _stamp(row["connect_time"]) == connected
+        requested = _stamp(row["request_time"])
+        assert requested >= connected + 2 and abs(requested - before) <= 1, row
+        time.sleep(2.2)  # idle: nothing moves
+        row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+        assert _stamp(row["request_time"]) == requested
+        # Inside a transaction (the server stays with the client) each query counts too.
+        with conn.transaction():
+            conn.execute("SELECT 3")
+            time.sleep(2.2)
+            before = time.time()
+            conn.execute("SELECT 4")
+            row = [r for r in show(d, "CLIENTS") if r["user"] == user][0]
+            assert row["state"] == "active"
+            assert abs(_stamp(row["request_time"]) - before) <= 1, row
+            assert _stamp(row["request_time"]) >= requested + 4

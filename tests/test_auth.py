@@ -106,6 +106,41 @@ def test_scram_server_login_keys_derived_once(monkeypatch):
         server.handle_client_final(client.handle_server_first(server_first))
 
 
+def test_scram_secret_cache_is_a_bounded_lru(monkeypatch):
+    """
+    login.scram_secret keeps derived secrets (PBKDF2 once per password), but auth_query
+    brings one per looked-up user: the cache keeps the most recently used and no more.
+    """
+    from collections import OrderedDict
+
+    from pgdoorman import login
+    monkeypatch.setattr(login, "_scram_secrets", OrderedDict())
+    bound = login.SCRAM_SECRET_CACHE_SIZE
+    assert 1000 <= bound <= 10000
+    # A salt per user, one key pair for all: parsing is cheap, PBKDF2 for thousands is not.
+    base = make_scram_secret("pencil", salt=b"0123456789abcdef", iterations=1)
+    keys = base.split("$", 2)[2]
+
+    def secret_for(i):
+        salt = base64.b64encode(b"user-%08d" % i).decode()
+        return "SCRAM-SHA-256$4096:%s$%s" % (salt, keys)
+
+    first = login.scram_secret(secret_for(0))
+    assert first.salt == b"user-00000000" and first.iterations == 4096
+    for i in range(1, bound + 500):
+        login.scram_secret(secret_for(i))
+        if i % 100 == 0:
+            # The first user logs in now and then: used recently, it stays.
+            assert login.scram_secret(secret_for(0)) is first
+    assert len(login._scram_secrets) == bound
+    assert secret_for(0) in login._scram_secrets
+    assert secret_for(1) not in login._scram_secrets  # the least recently used went
+    assert secret_for(bound + 499) in login._scram_secrets
+    # An evicted secret is derived again, equal to what it was.
+    again = login.scram_secret(secret_for(1))
+    assert again.salt == b"user-00000001" and len(login._scram_secrets) == bound
+
+
 def test_scram_wrong_password():
     server = ScramServer(make_scram_secret("pencil"), user="alice")
     client = ScramClient("pen")

@@ -297,6 +297,90 @@ def test_reload_empties_the_cache_and_keeps_connected_clients(aq_pg, pgdoorman):
     assert auth_query_row(d)["cache_entries"] == 1
 
 
+def _rewrite(d, config):
+    import yaml
+    config = dict(config, general=dict(config["general"], host="127.0.0.1", port=d.port))
+    with open(d.config_path + ".tmp", "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    os.replace(d.config_path + ".tmp", d.config_path)
+
+
+def _reload(d):
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as adm:
+        adm.execute("RELOAD")
+
+
+def _pools_of(d, user):
+    return [r for r in show(d, "POOLS") if r["database"] == "db1" and r["user"] == user]
+
+
+def test_reload_keeps_looked_up_users_pools(aq_pg, pgdoorman):
+    """
+    As PgDoorman: a RELOAD keeps a looked-up user's pool (its servers and its clients) when
+    its settings did not change, and applies a new pool_size in place; only a change of what
+    a server connection is (here application_name) replaces it.
+    """
+    user, pw = aq_pg.new_user("scram-sha-256", prefix="aq")
+    cfg = aq_config(aq_pg, pool_size=2)
+    d = pgdoorman(cfg)
+    conn = d.connect(user, "db1", pw, autocommit=False)
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # in a transaction
+    _reload(d)
+    rows = _pools_of(d, user)
+    assert len(rows) == 1 and rows[0]["draining"] == 0 and rows[0]["sv_active"] == 1, rows
+    assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    conn.commit()
+    with d.connect(user, "db1", pw) as again:  # a new login: the same pool, the same server
+        assert again.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    assert aq_pg.count_backends(user, "db1") == 1
+    # A new auth_query.pool_size applies in place.
+    cfg["pools"]["db1"]["auth_query"]["pool_size"] = 3
+    _rewrite(d, cfg)
+    _reload(d)
+    rows = _pools_of(d, user)
+    assert len(rows) == 1 and rows[0]["pool_size"] == 3 and rows[0]["draining"] == 0, rows
+    assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    conn.commit()
+    # A new application_name is another kind of server connection: the pool is replaced,
+    # the connected client carries on in the old one until it leaves.
+    conn.execute("SELECT 1")
+    cfg["pools"]["db1"]["application_name"] = "after-reload"
+    _rewrite(d, cfg)
+    _reload(d)
+    assert [r["draining"] for r in _pools_of(d, user)] == [1]
+    assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    conn.commit()
+    with d.connect(user, "db1", pw) as fresh:  # the next login makes the new pool
+        assert fresh.execute("SHOW application_name").fetchone()[0] == "after-reload"
+        assert fresh.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert sorted(r["draining"] for r in _pools_of(d, user)) == [0, 1]
+    conn.close()
+    wait_until(lambda: [r["draining"] for r in _pools_of(d, user)] == [0],
+               message="the replaced pool drains")
+
+
+def test_reload_keeps_the_dedicated_pool_and_drains_when_auth_query_goes(aq_pg, pgdoorman):
+    a, a_pw = aq_pg.new_user("md5", prefix="aq")
+    server_user, server_pw = aq_pg.new_user("scram-sha-256", prefix="aqsrv")
+    cfg = aq_config(aq_pg, server_user=server_user, server_password=server_pw, pool_size=1)
+    d = pgdoorman(cfg)
+    conn = d.connect(a, "db1", a_pw, autocommit=False)
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    _reload(d)
+    assert [r["draining"] for r in _pools_of(d, server_user)] == [0]
+    assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    conn.commit()
+    # Without its auth_query the pool has no place in the config: it drains.
+    del cfg["pools"]["db1"]["auth_query"]
+    cfg["pools"]["db1"]["users"] = [user_entry("someone", "pw")]
+    _rewrite(d, cfg)
+    _reload(d)
+    assert [r["draining"] for r in _pools_of(d, server_user)] == [1]
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    conn.close()
+    wait_until(lambda: not _pools_of(d, server_user), message="the pool drains")
+
+
 def test_custom_table_with_one_password_column(aq_pg, pgdoorman):
     # Not pg_shadow: a table of the application's own, whose only column is "password"
     # and holds a plaintext password; the server login then uses it as is.

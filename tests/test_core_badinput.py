@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (PROTOCOL_3, SSL_REQUEST, Background, ConnectionClosed, RawClient,
-                      ServerError, message, psql, simple_config, startup_packet)
+                      ServerError, message, parse_fields, psql, simple_config, startup_packet)
+from hostile import SYNC, bind, execute, parse
+from hostile import query as hquery
 
 USER, PW = "u_scram", "scram-secret"
 
@@ -255,3 +257,68 @@ def test_messages_split_into_single_bytes(d, mode):
     raw.terminate()
     after = d.log()[len(before):]
     assert "Traceback" not in after and "Unhandled" not in after, after
+
+
+def _transcript(raw, readies):
+    """The replies up to the C{readies}-th ReadyForQuery, as (kind, detail) pairs."""
+    out = []
+    while readies:
+        kind, payload = raw.recv_msg()
+        if kind == b"E":
+            fields = parse_fields(payload)
+            out.append(("E", fields.get("S"), fields.get("C"), fields.get("M")))
+        elif kind == b"Z":
+            out.append(("Z", payload.decode()))
+            readies -= 1
+        elif kind in (b"N", b"S"):
+            continue  # notices and ParameterStatus are not what this compares
+        else:
+            out.append((kind.decode(),))
+    return out
+
+
+FLUSH_WITH_BODY = message(b"H", b"junk")
+
+
+@pytest.mark.parametrize("sequence, readies", [
+    # Parse/Bind, the bad Flush, Execute (skipped), Sync; then a Query on the same session.
+    (parse("", "SELECT 1") + bind("") + FLUSH_WITH_BODY + execute() + SYNC
+     + hquery("SELECT 2"), 2),
+    # Inside a transaction block: the error aborts it, as any ERROR does.
+    (hquery("BEGIN") + FLUSH_WITH_BODY + SYNC + hquery("SELECT 1") + hquery("ROLLBACK")
+     + hquery("SELECT 3"), 5),
+    # Alone, with no server yet (transaction mode): the same error, the Sync's 'I'.
+    (FLUSH_WITH_BODY + SYNC + hquery("SELECT 4"), 2),
+], ids=["pipeline", "transaction", "alone"])
+def test_flush_with_a_body_is_answered_as_postgresql_does(d, pg, bystander, sequence, readies):
+    """
+    A Flush with bytes in it is PostgreSQL's ERROR 08P01 "invalid message format" (its
+    pq_getmsgend), then a skip to Sync, and the session carries on: the same transcript
+    through pgdoorman as from PostgreSQL itself, and the bystander is untouched.
+    """
+    direct = RawClient(pg.port).startup(USER, "db1", pg.passwords.get(USER, PW))
+    direct.send(sequence)
+    want = _transcript(direct, readies)
+    direct.terminate()
+    assert ("E", "ERROR", "08P01", "invalid message format") in want, want
+    raw = RawClient(d.port).startup(USER, "db1", PW)
+    raw.send(sequence)
+    assert _transcript(raw, readies) == want
+    assert raw.query("SELECT 'still here'") == [("still here",)]
+    raw.terminate()
+
+
+def test_flush_over_postgresql_limit_ends_the_client(d, pg, bystander):
+    """
+    PostgreSQL reads at most 10000 bytes of a Flush (PQ_SMALL_MESSAGE_LIMIT) and drops the
+    connection at a longer one; pgdoorman ends the client there too (with a word), and the
+    server is not sent to its death.
+    """
+    big = message(b"H", b"x" * 10001)
+    direct = RawClient(pg.port).startup(USER, "db1", pg.passwords.get(USER, PW))
+    direct.send(big)
+    assert direct.closed_within(5)
+    raw = RawClient(d.port).startup(USER, "db1", PW)
+    raw.send(big)
+    fields = raw.read_error_then_close(5)
+    assert fields.get("C") == "08P01" and fields.get("M") == "invalid message length", fields

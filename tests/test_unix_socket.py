@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 
 import psycopg
 import pytest
@@ -126,3 +127,41 @@ def test_unix_socket_survives_an_upgrade(pgdoorman, pg, new_user, sockdir):
             break
     else:
         pytest.fail("no new process in the log")
+
+
+def test_unix_socket_clients_exempt_from_tls_require(pgdoorman, pg, new_user, sockdir,
+                                                     tmp_path):
+    """
+    PostgreSQL never uses TLS on a Unix socket (it answers an SSLRequest there with 'N'), and
+    PgBouncer requires TLS "except on unix socket": under tls_mode require, socket clients
+    log in in the clear and TCP clients without TLS are still refused.
+    """
+    from tls_certs import CA
+    user, password = new_user()
+    cert, key = CA(tmp_path).issue("doorman", "localhost", dns=["localhost"],
+                                   ips=["127.0.0.1"])
+    d = pgdoorman(simple_config(pg, user, password, general={
+        "unix_socket_dir": sockdir, "tls_mode": "require", "tls_certificate": cert,
+        "tls_private_key": key}))
+    path = os.path.join(sockdir, ".s.PGSQL.%d" % d.port)
+    wait_until(lambda: os.path.exists(path), message="socket file")
+    r = psql(d, user, "db1", password, "SELECT current_user", args=("-h", sockdir))
+    assert r.returncode == 0 and r.stdout.strip() == user, r.stderr + d.log()[-2000:]
+    with psycopg.connect(unix_dsn(d, sockdir, user, password)) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+        assert not conn.pgconn.ssl_in_use
+    # An SSLRequest on the socket is declined, as PostgreSQL declines it there.
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.connect(path)
+    try:
+        raw.sendall(struct.pack("!II", 8, 80877103))
+        assert raw.recv(1) == b"N"
+    finally:
+        raw.close()
+    # TCP still must use TLS.
+    with pytest.raises(psycopg.OperationalError) as e:
+        d.connect(user, "db1", password, sslmode="disable")
+    assert "TLS required" in str(e.value), str(e.value)
+    with d.connect(user, "db1", password, sslmode="require") as conn:
+        assert conn.pgconn.ssl_in_use

@@ -37,7 +37,7 @@ from pgdoorman.auth import md5 as _md5
 from pgdoorman.protocol import errors, messages
 
 __all__ = ["AuthQuery", "AuthQueryError", "for_pool", "LookingUp", "dynamic_pool",
-           "all_queries", "SHOW_COLUMNS"]
+           "reload_settings", "all_queries", "SHOW_COLUMNS"]
 
 #: PostgreSQL's NAMEDATALEN - 1: a longer name cannot be a role, so it is refused without a
 #: query and without a cache entry (which would let anyone fill memory).
@@ -314,6 +314,7 @@ class AuthQuery:
             client_password=password,
             server_database=aq.database or pcfg.server_database,
             application_name="pgdoorman auth_query", startup_parameters={},
+            startup_parameter_sources={},
             prepared_statements_cache_size=0, server_prepared_statements_cache_size=0)
 
     def _connect(self) -> None:
@@ -508,6 +509,28 @@ def _with_secret(settings, secret: str):
     plain = password_kind(secret) == "plain"
     return dataclasses.replace(settings, client_password=secret,
                                server_password=secret if plain else None)
+
+
+def reload_settings(config, pcfg, pool):
+    """
+    The settings a looked-up user's C{pool} has under a reloaded C{config} whose pool
+    C{pcfg} does not list the user, or None when the pool has no place in it any more (the
+    auth_query is gone, or dedicated mode now shares server_user's pool).  A passthrough
+    pool keeps the secret it logs in with: the config does not hold it, the lookup did.
+    The reload compares these with the pool's own as for a configured user: a pool whose
+    server connections are the same stays, with its servers and clients, instead of
+    draining.
+    """
+    aq = pcfg.auth_query
+    if aq is None:
+        return None
+    if aq.server_user is not None and pool.user != aq.server_user:
+        return None
+    settings = config.pool_settings(pcfg.name, pool.user)
+    secret = pool.settings.client_password
+    if aq.server_user is None and secret is not None:
+        settings = _with_secret(settings, secret)
+    return settings
 
 
 def _forget_unused_pools(service) -> None:
