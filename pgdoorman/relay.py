@@ -50,6 +50,8 @@ _SQL_STATEMENT_FIRST = frozenset(b"dDrRlL \t\r\n")
 #: first, which leaves SELECT, INSERT, UPDATE, DELETE, BEGIN, COMMIT, WITH on the fast path).
 _THIRD = frozenset(b"tTeE")
 _SECOND = frozenset(b"eErR")
+#: And "SELECT pg_advisory_lock(...)", "SELECT set_config(...)": a "_" at data[14] or [15]
+#: (95) sends the query to a look (as it does a few other SELECTs, which only cost the look).
 #: Queries up to this size are read whole when they need a look (DEALLOCATE and friends);
 #: longer ones pass through as they arrive.
 _LOOK_LIMIT = 65536
@@ -156,7 +158,8 @@ class Relay:
         link = server.link
         if n > 7 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
                 data[5] not in _SQL_STATEMENT_FIRST and \
-                (data[7] not in _THIRD or data[6] not in _SECOND) and not link.dirty and \
+                (data[7] not in _THIRD or data[6] not in _SECOND) and \
+                (n < 16 or data[14] != 95 and data[15] != 95) and not link.dirty and \
                 self.scanner.between_messages and \
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.

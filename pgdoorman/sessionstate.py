@@ -84,7 +84,10 @@ _START = rb"(?:^|;)\s*"
 _SETTINGS = re.compile(_START + rb"(?:reset|discard|set(?!\s+(?:local|transaction)\b))\b"
                        rb"|\bset_config\s*\(", re.IGNORECASE)
 _PIN = (
-    (TEMP_TABLE, re.compile(rb"\b(?:temp|temporary|pg_temp)\b", re.IGNORECASE)),
+    (TEMP_TABLE, re.compile(
+        rb"\bcreate\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?(?:temp|temporary)\s"
+        rb"|\bcreate\s+(?:unlogged\s+)?(?:table|view|sequence)\s+(?:if\s+not\s+exists\s+)?"
+        rb"pg_temp\s*\.|\binto\s+(?:temp|temporary)\s", re.IGNORECASE)),
     (LISTEN, re.compile(_START + rb"listen\b", re.IGNORECASE)),
     (ADVISORY_LOCK, re.compile(rb"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(",
                                re.IGNORECASE)),
@@ -92,6 +95,9 @@ _PIN = (
     (ROLE, re.compile(_START + rb"set\s+(?:session\s+)?(?:role|session\s+authorization)\b",
                       re.IGNORECASE)),
 )
+
+#: A temporary table that lives for its transaction only: no session state.
+_ON_COMMIT_DROP = re.compile(rb"\bon\s+commit\s+drop\b", re.IGNORECASE)
 
 
 def look(query: bytes) -> Optional[Tuple[bool, Tuple[str, ...]]]:
@@ -107,7 +113,8 @@ def look(query: bytes) -> Optional[Tuple[bool, Tuple[str, ...]]]:
     else:
         return None
     settings = _SETTINGS.search(query) is not None
-    reasons = tuple(reason for reason, regex in _PIN if regex.search(query) is not None)
+    reasons = tuple(reason for reason, regex in _PIN if regex.search(query) is not None
+                    and (reason != TEMP_TABLE or _ON_COMMIT_DROP.search(query) is None))
     if not settings and not reasons:
         return None
     return settings, reasons

@@ -238,6 +238,33 @@ def test_session_advisory_lock_pins_until_unlocked(pgdoorman, pg, new_user):
             conn.close()
 
 
+def test_simple_query_forms_are_seen(pgdoorman, pg, new_user):
+    """What psql and drivers without parameters send: simple Queries, on the fast path."""
+    d, user, password = start(pgdoorman, pg, new_user)
+    conns = clients(d, user, password, 3)
+    a, b = conns[0], conns[1]
+    try:
+        a.execute("SELECT pg_advisory_lock(21)")
+        assert pinned(d, user) == ["advisory_lock"]
+        assert b.execute("SELECT pg_try_advisory_lock(21)").fetchone()[0] is False
+        a.execute("select pg_advisory_unlock(21)")
+        assert pinned(d, user) == []
+        a.execute("SELECT set_config('lock_timeout', '8s', false)")
+        a.execute("SELECT pg_catalog.set_config('app.who', 'a', false)")
+        for _ in range(3):
+            for c in conns:
+                assert show(c, "lock_timeout") == ("8s" if c is a else "0")
+                assert c.execute("SELECT current_setting('app.who', true)").fetchone()[0] \
+                    in (("a",) if c is a else (None, ""))
+        a.execute("CREATE TEMPORARY TABLE t1 (x int)")
+        assert pinned(d, user) == ["temp_table"]
+        a.execute("DROP TABLE t1")
+        assert pinned(d, user) == []
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_role_and_cursor_with_hold_pin(pgdoorman, pg, new_user):
     d, user, password = start(pgdoorman, pg, new_user)
     conns = clients(d, user, password, 3)
@@ -293,6 +320,10 @@ def test_refuse_policy_gives_an_error_and_the_connection_goes_on(pgdoorman, pg, 
             a.execute("SELECT 3")
         a.execute("ROLLBACK")
         assert a.execute("SELECT to_regclass('pg_temp.t')").fetchone() == (None,)
+        # A temporary table that ends with its transaction is no session state.
+        with a.transaction():
+            a.execute("CREATE TEMP TABLE t2 (x int) ON COMMIT DROP")
+            a.execute("INSERT INTO t2 VALUES (1)")
         # Settings are no session state: they follow.
         a.execute("SET statement_timeout = '4s'")
         assert [show(c, "statement_timeout") for c in conns] == ["4s", "0", "0"]
