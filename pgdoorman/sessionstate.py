@@ -259,8 +259,9 @@ class SessionState:
         client = self.client
         if self.busy:
             return
-        if client.server is server and (self.asking or self.suspect or self.pinned):
-            if client.relay.scanner.between_messages and not client.closed:
+        if self.asking or self.suspect or self.pinned:
+            if client.server is server and client.relay.scanner.between_messages \
+                    and not client.closed:
                 self._ask(server)
             return  # (mid-message: the next ReadyForQuery comes back here)
         del client.serverReleasable

@@ -28,10 +28,13 @@ def start(pgdoorman, pg, new_user, policy=None, pool_size=POOL_SIZE, metrics_por
     general = {"server_round_robin": True, "query_wait_timeout": "10s"}
     if policy is not None:
         general["session_state_policy"] = policy
-    config = simple_config(pg, user, password, pool_size=pool_size, general=general)
+    # Every server open from the start, handed out oldest first: clients move between them.
+    config = simple_config(pg, user, password, pool_size=pool_size, general=general,
+                           min_pool_size=pool_size)
     if metrics_port is not None:
         config["prometheus"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
     d = pgdoorman(config)
+    wait_until(lambda: pg.count_backends(user) == pool_size, message="min_pool_size open")
     return d, user, password
 
 
@@ -175,6 +178,26 @@ def test_asyncpg_settings_follow_their_client(pgdoorman, pg, new_user):
                 await c.close()
 
     asyncio.run(run())
+
+
+def test_settings_in_a_pipeline_follow(pgdoorman, pg, new_user):
+    """psycopg's pipeline mode: SET as a Parse among others, one Sync at the end."""
+    d, user, password = start(pgdoorman, pg, new_user)
+    conns = clients(d, user, password, 3)
+    a = conns[0]
+    try:
+        with a.pipeline():
+            a.execute("SELECT 1")
+            a.execute("SET idle_in_transaction_session_timeout = '11s'")
+            cur = a.execute("SELECT pg_backend_pid()")
+        assert cur.fetchone()[0] > 0
+        for _ in range(3):
+            for c in conns:
+                assert show(c, "idle_in_transaction_session_timeout") == (
+                    "11s" if c is a else "0")
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_temp_table_pins_its_creator_until_dropped(pgdoorman, pg, new_user):
