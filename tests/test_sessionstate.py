@@ -445,3 +445,29 @@ def test_listen_in_a_transaction_pins_and_gets_its_notifications(pgdoorman, pg, 
     finally:
         for conn in conns:
             conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_settings_move_with_their_client_in_an_upgrade(pg, pgdoorman, new_user):
+    from test_upgrade import Upgrades, config, tcp_port
+    upgrades = Upgrades()
+    try:
+        user, pw = new_user()
+        d = upgrades.follow(pgdoorman(config(pg, user, pw)))
+        with d.connect(user, "db1", pw) as conn:
+            conn.execute("SET statement_timeout = '7s'")
+            conn.execute("SELECT set_config('app.region', 'eu', false)")
+            port = tcp_port(conn)
+            upgrades.signal(d)
+            upgrades.wait_old_gone(d)
+            assert tcp_port(conn) == port  # the same connection, now on the new process
+            with d.connect(user, "db1", pw) as other:
+                for _ in range(3):
+                    assert show(conn, "statement_timeout") == "7s"
+                    assert conn.execute("SELECT current_setting('app.region', true)"
+                                        ).fetchone() == ("eu",)
+                    assert show(other, "statement_timeout") == "0"
+                    assert other.execute("SELECT current_setting('app.region', true)"
+                                         ).fetchone()[0] in (None, "")
+    finally:
+        upgrades.stop_all()
