@@ -471,3 +471,47 @@ def test_settings_move_with_their_client_in_an_upgrade(pg, pgdoorman, new_user):
                                          ).fetchone()[0] in (None, "")
     finally:
         upgrades.stop_all()
+
+
+# -- what the relay flags (no server needed) ----------------------------------------------------
+
+@pytest.mark.parametrize("sql, settings, reasons", [
+    ("SET statement_timeout = '1s'", True, ()),
+    ("set search_path to a, b", True, ()),
+    ("RESET ALL", True, ()),
+    ("DISCARD ALL", True, ()),
+    ("SELECT set_config('app.x', '1', false)", True, ()),
+    ("SET LOCAL statement_timeout = '1s'", None, None),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None, None),
+    ("CREATE TEMP TABLE t (x int)", False, ("temp_table",)),
+    ("create temporary view v as select 1", False, ("temp_table",)),
+    ("SELECT 1 INTO TEMP t", False, ("temp_table",)),
+    ("CREATE TABLE pg_temp.t (x int)", False, ("temp_table",)),
+    ("CREATE TEMP TABLE t (x int) ON COMMIT DROP", None, None),
+    ("LISTEN ch", False, ("listen",)),
+    ("BEGIN; LISTEN ch; COMMIT", False, ("listen",)),
+    ("SELECT pg_advisory_lock(1)", False, ("advisory_lock",)),
+    ("SELECT pg_try_advisory_lock_shared(1)", False, ("advisory_lock",)),
+    ("SELECT pg_advisory_xact_lock(1)", None, None),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", False, ("cursor_with_hold",)),
+    ("SET ROLE reader", True, ("role",)),
+    ("SET SESSION AUTHORIZATION someone", True, ("role",)),
+    ("SELECT to_regclass('pg_temp.t')", None, None),
+    ("UPDATE t SET x = 1 OFFSET", None, None),
+    ("SELECT temp, settings FROM weather", None, None),
+])
+def test_look_flags_what_may_change_the_session(sql, settings, reasons):
+    from pgdoorman.sessionstate import look
+    got = look(sql.encode())
+    assert got == (None if settings is None else (settings, reasons))
+
+
+def test_sync_resets_what_only_the_server_holds():
+    from pgdoorman.params import sync_sql
+    have = {"TimeZone": "UTC", "search_path": None, "work_mem": "8MB", "app.x": "1"}
+    want = {"TimeZone": "UTC", "search_path": None, "statement_timeout": "2s"}
+    assert sync_sql(want, have, True) == (
+        "RESET work_mem;RESET app.x;"
+        "SELECT pg_catalog.set_config('statement_timeout', '2s', false)")
+    assert sync_sql(want, have) == \
+        "SELECT pg_catalog.set_config('statement_timeout', '2s', false)"
