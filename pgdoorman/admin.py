@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgdoorman import __version__, logs
+from pgdoorman import sessionstate as _sessionstate
 from pgdoorman.protocol import errors, messages
 from pgdoorman.protocol.framing import FramingError, MessageBuffer
 
@@ -403,7 +404,8 @@ class AdminConsole:
                 else:
                     state = "cl_active" if debug else "idle"
                 rows.append(self._client_row(pool, client, state, now, debug)
-                            + ([] if debug else [client.query_count, client.client_bytes]))
+                            + ([] if debug else [client.query_count, client.client_bytes,
+                                                 _sessionstate.pinned_reasons(client)]))
         return rows
 
     def _servers(self, debug: bool = False) -> List[list]:
@@ -421,7 +423,8 @@ class AdminConsole:
 
     def show_clients(self) -> Result:
         return Result("SHOW", _PG_SOCKET_COLUMNS + [("query_count", "q"),
-                                                    ("bytes_received", "q")], self._clients())
+                                                    ("bytes_received", "q"),
+                                                    ("pinned", "s")], self._clients())
 
     def show_servers(self) -> Result:
         return Result("SHOW", _PG_SOCKET_COLUMNS + [("bytes_sent", "q")], self._servers())

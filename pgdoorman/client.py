@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from pgdoorman import listen as _listen
 from pgdoorman import params as _params
+from pgdoorman import sessionstate as _sessionstate
 from pgdoorman import sockopts
 from pgdoorman.login import ADMIN_DATABASES, Joining, Startup
 from pgdoorman.protocol import errors, messages
@@ -290,7 +291,8 @@ class ClientConnection(protocol.Protocol):
             return
         ahead = None
         if self.params != server.params:
-            ahead = server.prepend_internal(_params.sync_sql(self.params, server.params))
+            ahead = server.prepend_internal(_params.sync_sql(self.params, server.params, True))
+            server.params.clear()
             server.params.update(self.params)
         relay = self.relay
         if relay.deferred_begin is not None:
@@ -371,6 +373,8 @@ class ClientConnection(protocol.Protocol):
             resets.append("ROLLBACK")
         if not self.pool.transaction_mode and self.pool.settings.cleanup_server_connections:
             resets.append("DISCARD ALL")
+        elif self.pool.transaction_mode and _sessionstate.cleanup_sql(self):
+            resets.append(_sessionstate.cleanup_sql(self))  # it left pinned, or SET unasked
         if not resets:
             self.pool.checkin(server)
             return
@@ -388,6 +392,10 @@ class ClientConnection(protocol.Protocol):
             link.in_transaction = False
             for k in _params.STARTUP_ONLY:
                 server.params[k] = None
+            if "DISCARD ALL" in resets:
+                _sessionstate.forget(server.params)
+                link.statements.clear()
+                link.unnamed = None
             if not link.settled():
                 self._discard(server)
                 return

@@ -77,6 +77,7 @@ TYPE_DESCRIPTIONS = {
     "seconds": 'a duration such as "30s", "5m" or a number of seconds',
     "size": 'a size such as "64KB", "256MB", "1GB" or a number of bytes',
     "pool_mode": '"transaction" or "session"',
+    "session_state_policy": '"pin", "refuse" or "ignore"',
     "mode": 'an octal permission mode as a string, such as "0600"',
     "str_list": "a list of strings",
     "cidr_list": 'a list of CIDR networks such as "10.0.0.0/8"',
@@ -245,6 +246,13 @@ OPTIONS: List[Option] = (
            "clients and hands them their notifications, so a listening client "
            "takes no server (see docs/listen.md). Off: LISTEN goes to the "
            "client's current server like any query."),
+        _r("session_state_policy", "session_state_policy", "pin",
+           "Transaction mode: what a statement that creates session state (a "
+           "temporary table, LISTEN, a session advisory lock, a cursor WITH "
+           "HOLD, SET ROLE) does. pin: the client keeps its server connection "
+           "until the state is gone; refuse: the client gets an error and the "
+           "statement never runs; ignore: the state stays on the server for "
+           "its next client (PgBouncer)."),
         _r("pooler_check_query", "str", ";",
            "Query answered by the pooler itself, used for health checks and "
            "server_idle_check_timeout."),
@@ -364,6 +372,8 @@ OPTIONS: List[Option] = (
            "Overrides general.idle_timeout for this pool."),
         _r("server_lifetime", "duration", None,
            "Overrides general.server_lifetime for this pool."),
+        _r("session_state_policy", "session_state_policy", None,
+           "Overrides general.session_state_policy for this pool."),
         _r("cleanup_server_connections", "bool", True,
            "Reset session state (RESET ALL, DEALLOCATE ALL) a client left "
            "on a server connection before reuse."),
@@ -798,6 +808,11 @@ def _convert(opt: Option, value: Any) -> Any:
             raise _Invalid('pool_mode must be "transaction" or "session", '
                            "got %r" % (value,))
         return value
+    if kind == "session_state_policy":
+        if value not in ("pin", "refuse", "ignore"):
+            raise _Invalid('session_state_policy must be "pin", "refuse" or '
+                           '"ignore", got %r' % (value,))
+        return value
     if kind == "mode":
         return _as_mode(value)
     if kind == "str_list":
@@ -856,6 +871,7 @@ class GeneralConfig:
     server_round_robin: bool
     sync_server_parameters: bool
     listen_fanout: bool
+    session_state_policy: str
     pooler_check_query: str
     worker_threads: int
     worker_cpu_affinity_pinning: bool
@@ -960,6 +976,7 @@ class PoolConfig:
     connect_timeout: Optional[float]
     idle_timeout: Optional[float]
     server_lifetime: Optional[float]
+    session_state_policy: Optional[str]
     cleanup_server_connections: bool
     log_client_parameter_status_changes: bool
     application_name: Optional[str]
@@ -1049,6 +1066,7 @@ class PoolSettings:
     #: where each of C{startup_parameters} came from, C{"general"} or C{"pool"}
     #: (SHOW STARTUP_PARAMETERS's source column).
     startup_parameter_sources: Dict[str, str] = field(default_factory=dict)
+    session_state_policy: str = "pin"
 
 
 @dataclass
@@ -1138,6 +1156,8 @@ class Config:
             prepared_statements_cache_size=cache_size,
             server_prepared_statements_cache_size=server_cache_size,
             startup_parameter_sources=sources,
+            session_state_policy=first(pool.session_state_policy,
+                                       general.session_state_policy),
         )
 
 

@@ -120,15 +120,17 @@ class Internal:
 
     @ivar start_at: how many of the client's ReadyForQuery messages come before this query's
         replies (0 for a query written ahead of the client's own).
+    @ivar rows: where its DataRow payloads go, when the pooler wants the answer.
     """
 
-    __slots__ = ("deferred", "error", "start_at", "report")
+    __slots__ = ("deferred", "error", "start_at", "report", "rows")
 
-    def __init__(self, deferred, start_at: int = 0, report: bool = False):
+    def __init__(self, deferred, start_at: int = 0, report: bool = False, rows=None):
         self.deferred = deferred
         self.error = None
         self.start_at = start_at
         self.report = report
+        self.rows = rows
 
 
 class Link:
@@ -346,12 +348,13 @@ class Link:
 
     # -- the pooler's own queries -----------------------------------------------------------
 
-    def add_internal(self, deferred=None, after: int = 0, report: bool = False) -> Internal:
+    def add_internal(self, deferred=None, after: int = 0, report: bool = False,
+                     rows=None) -> Internal:
         """
         Register a query of the pooler's own that goes after C{after} more of the client's
         ReadyForQuery-producing messages (0: ahead of everything not yet answered).
         """
-        entry = Internal(deferred, self.replies + self.pending + after, report)
+        entry = Internal(deferred, self.replies + self.pending + after, report, rows)
         self.internal.append(entry)
         self.unnamed = None  # a simple query replaces the unnamed statement
         return entry

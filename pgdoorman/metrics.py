@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from pgdoorman import __version__
+from pgdoorman import sessionstate as _sessionstate
 from pgdoorman.protocol import errors
 
 __all__ = ["PoolCollector", "make_registry", "make_metrics_service", "MetricsResource"]
@@ -164,6 +165,7 @@ class PoolCollector:
                     hits, misses, evictions,
                     cached, connects, connect_errors, timeouts)
 
+        yield from _sessionstate.metrics(self.pools)
         if self.pools.coordinators:
             yield from _coordinator_metrics(self.pools.coordinators)
 

@@ -81,14 +81,21 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def sync_sql(want: Dict[str, Optional[str]], have: Dict[str, Optional[str]]) -> str:
+def sync_sql(want: Dict[str, Optional[str]], have: Dict[str, Optional[str]],
+             complete: bool = False) -> str:
     """
     SQL that turns a server's values C{have} into the client's C{want}.
 
     Values go through set_config(), which parses them as the startup packet would: a
     search_path of "a, b" is two schemas there, while SET search_path TO 'a, b' is one.
+    With C{complete}, C{want} is all the client has: what only C{have} holds (settings of
+    the server's previous client, L{pgdoorman.sessionstate}) is RESET.
     """
     resets, sets = [], []
+    if complete:
+        for name, value in have.items():
+            if value is not None and name not in want:
+                resets.append("RESET %s" % name)
     for name, value in want.items():
         if have.get(name) != value:
             if value is None:

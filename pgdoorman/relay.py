@@ -20,6 +20,7 @@ from typing import Optional
 from pgdoorman import listen as _listen
 from pgdoorman import params as _params
 from pgdoorman import prepared as _prepared
+from pgdoorman import sessionstate as _sessionstate
 from pgdoorman.link import FORWARD_ENTRY, PROBE_ENTRY, QUERY_ENTRY, SYNC_ENTRY
 from pgdoorman.protocol import errors, messages
 from pgdoorman.protocol.framing import STOP, WHOLE, FramingError, Scanner
@@ -45,8 +46,15 @@ _FLUSH = messages.FLUSH
 _SMALL_MESSAGE_LIMIT = 10000
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
-#: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
-_SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
+#: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET (or LISTEN, DECLARE:
+#: session state, L{pgdoorman.sessionstate}).
+_SQL_STATEMENT_FIRST = frozenset(b"dDrRlL \t\r\n")
+#: Third and second bytes of SET and CREATE (TEMP): these need a look too (the third byte
+#: first, which leaves SELECT, INSERT, UPDATE, DELETE, BEGIN, COMMIT, WITH on the fast path).
+_THIRD = frozenset(b"tTeE")
+_SECOND = frozenset(b"eErR")
+#: And "SELECT pg_advisory_lock(...)", "SELECT set_config(...)": a "_" at data[14] or [15]
+#: (95) sends the query to a look (as it does a few other SELECTs, which only cost the look).
 #: Queries up to this size are read whole when they need a look (DEALLOCATE and friends);
 #: longer ones pass through as they arrive.
 _LOOK_LIMIT = 65536
@@ -81,6 +89,8 @@ class Relay:
         self.deferred_begin: Optional[bytes] = None
         self.terminate = False
         self.fanout = False
+        #: the client's L{pgdoorman.sessionstate.SessionState}, once it needs one.
+        self.sstate = None
         self._tx = transaction_mode
         #: only an empty check query (";") has an answer we can give without PostgreSQL.
         self._check_query = check_query
@@ -169,8 +179,10 @@ class Relay:
         n = len(data)
         client.client_bytes += n
         link = server.link
-        if n > 5 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
-                data[5] not in _SQL_STATEMENT_FIRST and not link.dirty and \
+        if n > 7 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
+                data[5] not in _SQL_STATEMENT_FIRST and \
+                (data[7] not in _THIRD or data[6] not in _SECOND) and \
+                (n < 16 or data[14] != 95 and data[15] != 95) and not link.dirty and \
                 self.scanner.between_messages and \
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.
@@ -252,6 +264,12 @@ class Relay:
             return self._query(data, pos, end, n, link)
         if code == _PARSE or code == _BIND or code == _DESCRIBE or code == _CLOSE:
             link.dirty = True
+            if code == _PARSE and self._tx:
+                if end > n:
+                    return WHOLE
+                refused = _sessionstate.parse_seen(self, data, pos, end, link)
+                if refused is not None:
+                    return refused
             if remap is None:
                 if self._tx and (code == _PARSE or code == _CLOSE):
                     link.expect.append(FORWARD_ENTRY)
@@ -307,13 +325,16 @@ class Relay:
         replacement = None
         if self._tx:
             remap = self.remap
-            look = end - pos <= _LOOK_LIMIT and (client.startup_values or remap is not None)
+            look = end - pos <= _LOOK_LIMIT
             if end > n and (look or link.dirty):
                 return WHOLE
             probe = self._probe(link)
             if look:
                 query = data[pos + 5:end - 1]
-                if not query or query[0] in _SQL_STATEMENT_FIRST:
+                replacement = _sessionstate.query_seen(self, query, link)
+                if replacement is not None:
+                    pass  # refused (session_state_policy): it never reaches the server
+                elif not query or query[0] in _SQL_STATEMENT_FIRST:
                     if client.startup_values:
                         replacement = self._reset(link, query)
                     if replacement is None and remap is not None:

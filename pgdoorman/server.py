@@ -37,6 +37,7 @@ _bisect = bisect.bisect_left
 _Z = messages.READY_FOR_QUERY
 _S = messages.PARAMETER_STATUS
 _E = messages.ERROR_RESPONSE
+_D = ord("D")  # DataRow
 _IDLE = ord("I")
 
 #: Messages the relay must read (they are all tiny): ReadyForQuery, ParameterStatus,
@@ -365,6 +366,8 @@ class ServerConnection(protocol.Protocol):
             self._parameterStatus(data, pos, end, self.client if entry.report else None)
             if entry.report:
                 return None
+        elif code == _D and entry.rows is not None:
+            entry.rows.append(data[pos + 5:end])
         return b""
 
     def _parameterStatus(self, data: bytes, pos: int, end: int, client) -> None:
@@ -381,9 +384,10 @@ class ServerConnection(protocol.Protocol):
         if entry.deferred is not None:
             entry.deferred.callback(entry.error)
 
-    def _internal(self, deferred=None, after: int = 0, report: bool = False) -> None:
+    def _internal(self, deferred=None, after: int = 0, report: bool = False,
+                  rows=None) -> None:
         link = self.link
-        link.add_internal(deferred, after, report)
+        link.add_internal(deferred, after, report, rows)
         if link.internal[0].start_at <= link.replies:
             self._scanner.inspect = _EVERYTHING
 
@@ -410,10 +414,13 @@ class ServerConnection(protocol.Protocol):
         self._internal(None, after - link.pending, report=True)
         return messages.query(sql)
 
-    def run_internal(self, sql: str) -> defer.Deferred:
-        """Run a query of the pooler's own; fires with None or the L{errors.PgError}."""
+    def run_internal(self, sql: str, rows=None) -> defer.Deferred:
+        """
+        Run a query of the pooler's own; fires with None or the L{errors.PgError}.  The
+        payloads of its DataRows go to the list C{rows}, if given.
+        """
         d = defer.Deferred()
-        self._internal(d)
+        self._internal(d, rows=rows)
         self.send(messages.query(sql))
         return d
 
