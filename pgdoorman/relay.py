@@ -91,6 +91,8 @@ class Relay:
         self.fanout = False
         #: the client's L{pgdoorman.sessionstate.SessionState}, once it needs one.
         self.sstate = None
+        #: the last Parse text L{pgdoorman.sessionstate.parse_seen} found harmless.
+        self.clean_parse = None
         self._tx = transaction_mode
         #: only an empty check query (";") has an answer we can give without PostgreSQL.
         self._check_query = check_query
