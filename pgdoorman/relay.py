@@ -42,8 +42,9 @@ _COPY_FAIL = messages.COPY_FAIL
 _FLUSH = messages.FLUSH
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
-#: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET.
-_SQL_STATEMENT_FIRST = frozenset(b"dDrR \t\r\n")
+#: First bytes of a simple query that may be DEALLOCATE, DISCARD, RESET, PREPARE or
+#: (EXPLAIN) EXECUTE.
+_SQL_STATEMENT_FIRST = frozenset(b"dDrRpPeE \t\r\n")
 #: Queries up to this size are read whole when they need a look (DEALLOCATE and friends);
 #: longer ones pass through as they arrive.
 _LOOK_LIMIT = 65536
@@ -275,6 +276,7 @@ class Relay:
         client = self.client
         replacement = None
         if self._tx:
+            entry = QUERY_ENTRY
             remap = self.remap
             look = end - pos <= _LOOK_LIMIT and (client.startup_values or remap is not None)
             if end > n and (look or link.dirty):
@@ -286,11 +288,16 @@ class Relay:
                     if client.startup_values:
                         replacement = self._reset(link, query)
                     if replacement is None and remap is not None:
-                        replacement = remap.sql(query, link)
+                        replacement = remap.sql(query, link, client.server)
+                        if remap.entry is not None:
+                            entry, remap.entry = remap.entry, None
                 elif remap is not None and _prepared.may_drop_statements(query):
                     link.taint("statements dropped by a query pgdoorman does not parse")
+            elif remap is not None and (n <= pos + 5 or data[pos + 5] in b"pP"):
+                # A PREPARE too long to map whole: its name reaches this server.
+                link.taint("a statement prepared by a query too long to look at")
             link.unnamed = None  # a simple query replaces the unnamed statement
-            link.expect.append(QUERY_ENTRY)
+            link.expect.append(entry)
             if probe is not None:
                 replacement = probe + (replacement or data[pos:end])
         link.pending += 1
@@ -323,5 +330,5 @@ class Relay:
                 server.params[k] = None
         original = messages.query(text)
         if self.remap is not None and _prepared.is_discard_all(query):
-            self.remap.sql(query, link)
+            self.remap.sql(query, link, server)
         return original + server.append_internal(_params.sync_sql(values, {}), link.pending + 1)
