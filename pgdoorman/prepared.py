@@ -121,6 +121,8 @@ class StatementCache:
         self.evictions = 0
         #: Binds of named statements sent on (SHOW STATS bind_count, as PgBouncer counts).
         self.binds = 0
+        #: anonymous Parses remapped to named statements (hits and misses count them too).
+        self.anonymous = 0
 
     def get(self, body: bytes) -> Statement:
         name = server_name(body)
@@ -211,16 +213,24 @@ def is_discard_all(query: bytes) -> bool:
     return _DISCARD_ALL.match(query) is not None
 
 
-_DROPS = re.compile(rb"deallocate|discard|prepare\s", re.IGNORECASE).search
+_DROPS = re.compile(rb"deallocate|discard", re.IGNORECASE).search
+_PREPARES = re.compile(rb"prepare\s", re.IGNORECASE).search
 
 
 def may_drop_statements(query: bytes) -> bool:
     """
     A query that may DEALLOCATE, DISCARD or PREPARE statements in a way we do not parse (among
     other statements, in a function): the server's record of its statements is then unknown,
-    or it holds a statement under a name a client chose.
+    or it holds a statement under a name a client chose.  This runs for every Query: a
+    PREPARE is looked for only after a ';' (a query that starts with one, or with a comment,
+    is looked at whole: L{may_touch_statements}).
     """
-    return _DROPS(query) is not None
+    return _DROPS(query) is not None or (b";" in query and _PREPARES(query) is not None)
+
+
+def may_touch_statements(query: bytes) -> bool:
+    """L{may_drop_statements} for a query looked at anyway: PREPARE anywhere in it."""
+    return _DROPS(query) is not None or _PREPARES(query) is not None
 
 
 # -- SQL PREPARE and EXECUTE ------------------------------------------------------------------

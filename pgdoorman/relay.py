@@ -43,8 +43,8 @@ _FLUSH = messages.FLUSH
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
 #: First bytes of a simple query that may be DEALLOCATE, DISCARD, RESET, PREPARE or
-#: (EXPLAIN) EXECUTE.
-_SQL_STATEMENT_FIRST = frozenset(b"dDrRpPeE \t\r\n")
+#: (EXPLAIN) EXECUTE, or start with a comment (a PREPARE after one is looked for).
+_SQL_STATEMENT_FIRST = frozenset(b"dDrRpPeE \t\r\n\f\v/-")
 #: Queries up to this size are read whole when they need a look (DEALLOCATE and friends);
 #: longer ones pass through as they arrive.
 _LOOK_LIMIT = 65536
@@ -291,7 +291,7 @@ class Relay:
                         replacement = remap.sql(query, link, client.server)
                         if remap.entry is not None:
                             entry, remap.entry = remap.entry, None
-                elif remap is not None and _prepared.may_drop_statements(query):
+                elif remap is not None and _prepared.may_touch_statements(query):
                     link.taint("statements dropped by a query pgdoorman does not parse")
             elif remap is not None and (n <= pos + 5 or data[pos + 5] in b"pP"):
                 # A PREPARE too long to map whole: its name reaches this server.

@@ -12,6 +12,7 @@ the same place, so that PostgreSQL skips the rest of the pipeline exactly as it 
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from typing import Dict, Optional
 
 from pgdoorman import link as _link
@@ -22,7 +23,7 @@ from pgdoorman.prepared import (CLOSE_NOTHING, DEALLOCATE_NOTHING, PARSE_FAILING
                                 Statement,
                                 StatementCache, already_exists, close_statement,
                                 does_not_exist, is_discard_all, is_prepare_transaction,
-                                may_drop_statements, parse_deallocate, parse_execute,
+                                may_touch_statements, parse_deallocate, parse_execute,
                                 parse_prepare, server_name, sql_statement)
 from pgdoorman.protocol import messages
 
@@ -43,17 +44,20 @@ class Remapper:
     One client's prepared statements (transaction mode).
 
     @ivar names: the client's statement name -> L{Statement}.
-    @ivar unnamed: the Parse body of the client's unnamed statement, if it has one.
+    @ivar anonymous: the client's most recent anonymous Parses (Parse body -> L{Statement}),
+        least recently used first, at most C{anonymous_size} (0: no bound).  The client's
+        unnamed statement itself is C{names[b""]}.
     @ivar entry: the L{Entry} that the Query just mapped by L{sql} needs instead of the
         plain one (an SQL PREPARE, undone if it fails), for the relay to take.
     """
 
-    __slots__ = ("names", "unnamed", "cache", "entry")
+    __slots__ = ("names", "cache", "entry", "anonymous", "anonymous_size")
 
-    def __init__(self, cache: StatementCache):
+    def __init__(self, cache: StatementCache, anonymous_size: int = 256):
         self.names: Dict[bytes, Statement] = {}
-        self.unnamed: Optional[bytes] = None
         self.cache = cache
+        self.anonymous: "OrderedDict[bytes, Statement]" = OrderedDict()
+        self.anonymous_size = anonymous_size
         self.entry: Optional[Entry] = None
 
     # -- one message each; None means: send it unchanged --------------------------------------
@@ -61,26 +65,37 @@ class Remapper:
     def parse(self, data: bytes, pos: int, end: int, link) -> Optional[bytes]:
         nul = data.index(b"\x00", pos + 5, end)
         expect = link.expect
-        if may_drop_statements(data[nul + 1:end]) and (
-                nul == pos + 5 or sql_statement(data[nul + 1:end]) is None):
+        body = data[nul + 1:end]
+        if may_touch_statements(body) and sql_statement(body) is None:
             # DEALLOCATE/DISCARD/PREPARE as a prepared statement, not one that is mapped at
             # its Bind: once it runs, this server's record of its statements can no longer be
             # trusted.
             link.taint("statements dropped by a statement pgdoorman does not parse")
-        if nul == pos + 5:
-            # The unnamed statement goes as is; remember it, in case the client Binds it after
-            # a Sync, when its server may have gone to another client meanwhile.
-            expect.append(_link.UNNAMED_PARSE_ENTRY)
-            self.unnamed = link.unnamed = data[nul + 1:end]
-            return None
-        name = data[pos + 5:nul]
         names = self.names
-        if name in names:
-            # PostgreSQL: 42P05, and the rest of the pipeline is skipped up to Sync.
-            expect.append(Entry(_link.FAKE_ERROR, reply=already_exists(name)))
-            return PARSE_FAILING
         cache = self.cache
-        stmt = cache.get(data[nul + 1:end])
+        if nul == pos + 5:
+            # The unnamed statement (anonymous Parse, PgDoorman's
+            # client_anonymous_prepared_cache_size): a named statement on the server like any
+            # other, so that a server that has parsed the text does not parse it again, and
+            # the client may Bind it after a Sync on whichever server it gets then.  It
+            # replaces the client's unnamed statement (no 42P05), as in PostgreSQL.
+            name = b""
+            anonymous = self.anonymous
+            stmt = anonymous.get(body)
+            if stmt is None:
+                stmt = anonymous[body] = cache.get(body)
+                if self.anonymous_size and len(anonymous) > self.anonymous_size:
+                    anonymous.popitem(last=False)
+            else:
+                anonymous.move_to_end(body)
+            cache.anonymous += 1
+        else:
+            name = data[pos + 5:nul]
+            if name in names:
+                # PostgreSQL: 42P05, and the rest of the pipeline is skipped up to Sync.
+                expect.append(Entry(_link.FAKE_ERROR, reply=already_exists(name)))
+                return PARSE_FAILING
+            stmt = cache.get(body)
         names[name] = stmt
         if link.status != _FAILED and stmt.name in link.statements:
             # (In a failed transaction PostgreSQL refuses a Parse, 25P02, but not a Close:
@@ -96,13 +111,12 @@ class Remapper:
 
     def bind(self, data: bytes, pos: int, end: int, link) -> Optional[bytes]:
         s_start = data.index(b"\x00", pos + 5, end) + 1
-        if data[s_start] == 0:
-            return self._unnamedFirst(link, data[pos:end])
         s_end = data.index(b"\x00", s_start, end)
         stmt = self.names.get(data[s_start:s_end])
         if stmt is None:
             return self._unknown(link, data[s_start:s_end])
-        self.cache.binds += 1
+        if s_end != s_start:
+            self.cache.binds += 1
         if stmt.sql is not None:
             prefix, stmt = self._mapSQL(link, stmt, True)
             if stmt is None:
@@ -116,8 +130,6 @@ class Remapper:
     def describe(self, data: bytes, pos: int, end: int, link) -> Optional[bytes]:
         if data[pos + 5] != _KIND_STATEMENT:
             return None  # a portal: it lives and dies inside this transaction
-        if end - pos == 7:
-            return self._unnamedFirst(link, data[pos:end])
         name = data[pos + 6:end - 1]
         stmt = self.names.get(name)
         if stmt is None:
@@ -139,10 +151,6 @@ class Remapper:
         # a Close of a name it does not have with CloseComplete too, and so does ours.  If
         # PostgreSQL skips the Close (an error before it), the name is the client's again.
         name = data[pos + 6:end - 1]
-        if not name:
-            link.expect.append(_FORWARD_ENTRY)
-            self.unnamed = None
-            return None
         stmt = self.names.pop(name, None)
         if stmt is None:
             link.expect.append(_FORWARD_ENTRY)
@@ -212,22 +220,6 @@ class Remapper:
         link.expect.append(Entry(_link.FAKE_ERROR, reply=does_not_exist(name)))
         return PARSE_FAILING
 
-    def _unnamedFirst(self, link, message: bytes) -> Optional[bytes]:
-        """
-        Bind/Describe of the unnamed statement: when this server does not hold the client's
-        (its Parse went to another server before a Sync, as pg8000 does), Parse it again first
-        and swallow the ParseComplete.  A client that has none gets PostgreSQL's 26000, never
-        another client's unnamed statement.
-        """
-        body = self.unnamed
-        if body is None:
-            return self._unknown(link, b"")
-        if link.unnamed is body:
-            return None
-        link.unnamed = body
-        link.expect.append(_link.UNNAMED_ENTRY)
-        return b"P" + _uint32.pack(len(body) + 5) + b"\x00" + body + message
-
     def _ensure(self, link, stmt: Statement) -> bytes:
         """Bytes to put first so that the server holds C{stmt}: an injected Parse, or nothing."""
         if stmt.name in link.statements or stmt.parse is None:
@@ -269,7 +261,7 @@ class Remapper:
             return self._execute(query, link, server)
         target = parse_deallocate(query)
         if target is None and not is_discard_all(query):
-            if may_drop_statements(query):
+            if may_touch_statements(query):
                 # DEALLOCATE or DISCARD in a form we do not parse: this server's record of
                 # its statements can no longer be trusted.
                 link.taint("statements dropped by a query pgdoorman does not parse")
@@ -277,7 +269,6 @@ class Remapper:
         if target is True or (target is None and is_discard_all(query)):
             # Sent as is, it drops every statement on this server: forget them all.
             self.names.clear()
-            self.unnamed = None
             link.statements.clear()
             return None
         stmt = self.names.pop(target, None)
@@ -301,7 +292,7 @@ class Remapper:
         """
         found = parse_prepare(query)
         if found is None:
-            if may_drop_statements(query) and not is_prepare_transaction(query):
+            if may_touch_statements(query) and not is_prepare_transaction(query):
                 # A PREPARE we do not map (among other statements): a name the client chose
                 # reaches this server, which must then go to nobody else.
                 link.taint("a statement prepared under a client's name by a query pgdoorman "
@@ -346,7 +337,7 @@ class Remapper:
         if stmt is None:
             link.expect.append(Entry(_link.QUERY_ERROR, reply=does_not_exist(name)))
             return DEALLOCATE_NOTHING
-        if may_drop_statements(query[end:]):
+        if may_touch_statements(query[end:]):
             link.taint("statements dropped by a query pgdoorman does not parse")
         prefix = self._ensureForQuery(link, server, stmt)
         self.entry = Entry(_link.QUERY, None, name, stmt)

@@ -284,3 +284,29 @@ def test_upgrade_carries_sql_prepared_names(pg, pgdoorman, new_user):
         assert re.search(r"2 clients handed over", d.log()), d.log()[-3000:]
     finally:
         upgrades.stop_all()
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1; PREPARE foo AS SELECT 'mine'",
+    "/* a comment */ PREPARE foo AS SELECT 'mine'",
+    "-- a comment\nprepare foo as select 'mine'",
+    "SELECT 1; pRePaRe foo AS SELECT 'mine'",
+])
+def test_an_unmapped_prepare_never_serves_another_client(pg, new_user, pgdoorman, sql):
+    """
+    A PREPARE pgdoorman does not map (among other statements, after a comment) creates the
+    client's own name on the server: that server must go to nobody else (it is closed), or
+    another client's unmapped EXECUTE would run the first client's statement.
+    """
+    from conftest import ServerError
+    user, password = new_user()
+    d = pgdoorman(simple_config(pg, user, password, pool_size=1))
+    a = RawClient(d.port).startup(user, "db1", password)
+    b = RawClient(d.port).startup(user, "db1", password)
+    a.query(sql)
+    with pytest.raises(ServerError) as e:
+        b.query("SELECT 1; EXECUTE foo")
+    assert e.value.fields["C"] == "26000"
+    assert "closed after client" in d.log()
+    a.terminate()
+    b.terminate()
