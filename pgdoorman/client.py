@@ -213,9 +213,9 @@ class ClientConnection(protocol.Protocol):
         if scram_client_key is not None and pool.scram_client_key is None:
             pool.scram_client_key = scram_client_key
         pool.clients += 1
-        if pool.transaction_mode and pool.settings.prepared_statements_cache_size:
-            self.remap = Remapper(pool.statements)
         general = self.service.config.general
+        if pool.transaction_mode and pool.settings.prepared_statements_cache_size:
+            self.remap = Remapper(pool.statements, general.client_anonymous_prepared_cache_size)
         check = general.pooler_check_query.strip().rstrip(";").strip()
         self.relay = Relay(self, pool.transaction_mode, self.remap,
                            None if check else general.pooler_check_query.encode("utf-8"))

@@ -290,7 +290,7 @@ OPTIONS: List[Option] = (
            "unset means prepared_statements_cache_size."),
         _r("client_anonymous_prepared_cache_size", "int", 256,
            "Per-client LRU of anonymous prepared statements; 0 means "
-           "unbounded.", implemented=False),
+           "unbounded."),
         _r("client_prepared_statements_cache_size", "int", None,
            "Deprecated name of client_anonymous_prepared_cache_size.",
            alias_of="client_anonymous_prepared_cache_size"),

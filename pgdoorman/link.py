@@ -15,11 +15,16 @@ CloseComplete or ReadyForQuery while prepared statements are remapped:
   - L{SYNC}: a Sync: its ReadyForQuery.
   - L{QUERY}: a Query or FunctionCall: its ReadyForQuery, unless PostgreSQL skips it (it
     does, when an extended-protocol message before it failed and no Sync came between).
+    One with C{names} and C{stmt} is an SQL PREPARE: if it fails or is skipped, the client's
+    name and this server's copy are forgotten; one with C{stmt} only an SQL EXECUTE, whose
+    errors speak of the client's C{name}.
   - L{PROBE}: a Close of nothing that the pooler puts ahead of a Query sent in the middle of
     a pipeline: its CloseComplete says that no error came before, so the Query will run; an
     error before it means both are skipped.
   - L{QUERY_ERROR}: like L{FAKE_ERROR} for a simple Query that fails on purpose (a DEALLOCATE
-    of a name the client never prepared): replaced, and nothing is skipped.
+    of a name the client never prepared, an EXECUTE of one, a PREPARE of a name the client
+    has): replaced, and nothing is skipped.  Only PostgreSQL's own 26000 is replaced: another
+    error that comes first (25P02 in a failed transaction) is what PostgreSQL would say.
   - L{CLOSE_NAME}: the client's Close of one of its statements (sent as a Close of nothing):
     forwarded; if PostgreSQL skips it, the client still has the statement.
   - L{COPY_END}: not a reply: where the client ended a COPY (CopyDone or CopyFail).  Syncs
@@ -300,10 +305,24 @@ class Link:
                     body = body.replace(stmt.name, cname)
             replace = b"E" + _uint32.pack(len(body) + 4) + body
         if expect:
-            kind = expect[0].kind
+            entry = expect[0]
+            kind = entry.kind
             if kind == QUERY_ERROR:
-                replace = expect.popleft().reply
-            elif kind != QUERY:
+                expect.popleft()
+                if b"C26000\x00" in message:
+                    # (Not another error PostgreSQL gives first, as in a failed transaction.)
+                    replace = entry.reply
+            elif kind == QUERY:
+                stmt = entry.stmt
+                if stmt is not None:
+                    if entry.names is not None:
+                        self._unprepare(entry)
+                    else:
+                        # An SQL EXECUTE: its statement's name, whatever the client's map
+                        # says now (a PREPARE before it in the same pipeline failed).
+                        body = (replace or message)[5:].replace(stmt.name, entry.name)
+                        replace = b"E" + _uint32.pack(len(body) + 4) + body
+            else:
                 if kind == FAKE_ERROR:
                     replace = expect[0].reply
                 self.skipped()
@@ -327,6 +346,8 @@ class Link:
             kind = entry.kind
             if kind == QUERY:
                 self.pending -= 1
+                if entry.names is not None and entry.stmt is not None:
+                    self._unprepare(entry)
             elif kind == CLOSE_NAME:
                 if entry.name not in entry.names:
                     entry.names[entry.name] = entry.stmt
@@ -345,6 +366,14 @@ class Link:
         if not expect:
             self.dirty = True
             self.skipping = True
+
+    def _unprepare(self, entry: Entry) -> None:
+        """An SQL PREPARE (a L{QUERY} entry with a statement) failed or was skipped."""
+        names = entry.names
+        if names.get(entry.name) is entry.stmt:
+            del names[entry.name]
+        self.statements.discard(entry.stmt.name)
+        entry.stmt = None
 
     # -- the pooler's own queries -----------------------------------------------------------
 

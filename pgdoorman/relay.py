@@ -46,9 +46,10 @@ _FLUSH = messages.FLUSH
 _SMALL_MESSAGE_LIMIT = 10000
 #: Every other message is looked at; unknown codes end the client.
 _INSPECT = frozenset(range(256)) - _PASS
-#: First bytes of a simple query that may be DEALLOCATE, DISCARD or RESET (or LISTEN, DECLARE:
-#: session state, L{pgdoorman.sessionstate}).
-_SQL_STATEMENT_FIRST = frozenset(b"dDrRlL \t\r\n")
+#: First bytes of a simple query that may be DEALLOCATE, DISCARD, RESET, PREPARE or
+#: (EXPLAIN) EXECUTE, or start with a comment (a PREPARE after one is looked for); or LISTEN,
+#: DECLARE: session state, L{pgdoorman.sessionstate}.
+_SQL_STATEMENT_FIRST = frozenset(b"dDrRlLpPeE \t\r\n\f\v/-")
 #: Third and second bytes of SET and CREATE (TEMP): these need a look too (the third byte
 #: first, which leaves SELECT, INSERT, UPDATE, DELETE, BEGIN, COMMIT, WITH on the fast path).
 _THIRD = frozenset(b"tTeE")
@@ -326,6 +327,7 @@ class Relay:
         client = self.client
         replacement = None
         if self._tx:
+            entry = QUERY_ENTRY
             remap = self.remap
             look = end - pos <= _LOOK_LIMIT
             if end > n and (look or link.dirty):
@@ -340,11 +342,16 @@ class Relay:
                     if client.startup_values:
                         replacement = self._reset(link, query)
                     if replacement is None and remap is not None:
-                        replacement = remap.sql(query, link)
-                elif remap is not None and _prepared.may_drop_statements(query):
+                        replacement = remap.sql(query, link, client.server)
+                        if remap.entry is not None:
+                            entry, remap.entry = remap.entry, None
+                elif remap is not None and _prepared.may_touch_statements(query):
                     link.taint("statements dropped by a query pgdoorman does not parse")
+            elif remap is not None and (n <= pos + 5 or data[pos + 5] in b"pP"):
+                # A PREPARE too long to map whole: its name reaches this server.
+                link.taint("a statement prepared by a query too long to look at")
             link.unnamed = None  # a simple query replaces the unnamed statement
-            link.expect.append(QUERY_ENTRY)
+            link.expect.append(entry)
             if probe is not None:
                 replacement = probe + (replacement or data[pos:end])
         link.pending += 1
@@ -377,5 +384,5 @@ class Relay:
                 server.params[k] = None
         original = messages.query(text)
         if self.remap is not None and _prepared.is_discard_all(query):
-            self.remap.sql(query, link)
+            self.remap.sql(query, link, server)
         return original + server.append_internal(_params.sync_sql(values, {}), link.pending + 1)

@@ -400,9 +400,12 @@ class ServerConnection(protocol.Protocol):
         self._internal()
         return messages.query(sql)
 
-    def prepend_internal_message(self, message: bytes) -> bytes:
-        """Like L{prepend_internal} for a ready-made Query message (a deferred BEGIN)."""
-        self._internal()
+    def prepend_internal_message(self, message: bytes, deferred=None) -> bytes:
+        """
+        Like L{prepend_internal} for ready-made messages ending in a Query or Sync (a deferred
+        BEGIN, a statement created); C{deferred} fires with None or the error.
+        """
+        self._internal(deferred)
         return message
 
     def append_internal(self, sql: str, after: int) -> bytes:

@@ -659,6 +659,37 @@ def prefix_collision(ctx):
     ctx.leave(c)
 
 
+def sql_prepared_guessing(ctx):
+    """SQL EXECUTE, EXPLAIN EXECUTE and DEALLOCATE of the pooler's own server-side names (of
+    the canaries' statements), as simple queries and as the text of a statement Parsed by
+    the protocol (named or unnamed), and SQL PREPARE/DEALLOCATE as Parse texts: none of it
+    may run or drop a statement the client did not prepare."""
+    c = ctx.connect()
+    rng = ctx.rng
+    sql = rng.choice(CANARY_SQL)
+    body = sql.encode() + b"\x00" + struct.pack("!H", 1) + struct.pack("!I", 20)
+    name = server_name(body).decode()
+    row = rng.randint(1, 1000)
+    steps = ['EXECUTE "%s"(%d)' % (name, row), 'EXPLAIN ANALYZE EXECUTE "%s"(%d)' % (name, row),
+             'DEALLOCATE "%s"' % name, 'DEALLOCATE PREPARE "%s"' % name,
+             'PREPARE "%s" (int8) AS SELECT $1 * 0 - 999' % name,
+             "PREPARE mine (int8) AS SELECT $1 * 0 - 999", "EXECUTE mine(1)",
+             "DEALLOCATE mine", "DEALLOCATE ALL", "DISCARD ALL",
+             'EXECUTE "%s"(%d); SELECT 1' % (name, row)]
+    for _ in range(rng.randint(1, 6)):
+        text = rng.choice(steps)
+        try:
+            if rng.random() < 0.5 or ";" in text:
+                c.query(text)
+            else:
+                stmt = rng.choice(["", "_pg3_0", "s1"])
+                c.send(parse(stmt, text) + bind(stmt) + execute() + SYNC)
+                ctx.drain(c, until_ready=1)
+        except ServerError:
+            pass
+    ctx.leave(c)
+
+
 def cancel_random(ctx):
     """CancelRequests with random keys, and with our own key at a random moment."""
     rng = ctx.rng
@@ -753,7 +784,7 @@ ATTACKS = {f.__name__: f for f in [
     unknown_message, malformed, never_parsed, duplicate_parse, error_mid_pipeline,
     query_in_error_state, flush_only, sync_storm, replay_mutated, sql_prepared,
     sql_prepared_sneaky, cancel_random, slow_reader, startup_then_die, function_call_abuse,
-    well_formed_then_die, prefix_collision,
+    well_formed_then_die, prefix_collision, sql_prepared_guessing,
 ]}
 #: Attacks run only when named in PGDOORMAN_HOSTILE_KINDS.
 EXTRA_ATTACKS = {}

@@ -81,8 +81,19 @@ def test_fake_errors_replace_the_servers():
     assert link.settled()
     link.expect.extend([Entry(L.QUERY_ERROR, reply=mine), L.QUERY_ENTRY])
     link.pending = 1
-    assert link.error(ERR, None) == mine
+    failing = M.error_response("ERROR", "26000", 'prepared statement "DOORMAN_NONE" does not '
+                               'exist')
+    assert link.error(failing, None) == mine
     assert link.pending == 1  # a simple query's error: its ReadyForQuery still comes
+    link.ready()
+    assert link.settled()
+    # An error PostgreSQL gives before it would look at the name (a failed transaction's
+    # 25P02) is what the client gets.
+    aborted = M.error_response("ERROR", "25P02", "current transaction is aborted, commands "
+                               "ignored until end of transaction block")
+    link.expect.extend([Entry(L.QUERY_ERROR, reply=mine), L.QUERY_ENTRY])
+    link.pending = 1
+    assert link.error(aborted, None) is None
     link.ready()
     assert link.settled()
 

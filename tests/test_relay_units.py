@@ -213,11 +213,14 @@ def test_a_commit_after_a_good_fetch_runs_and_releases():
                         + M.ready_for_query(b"T"))
     client.dataReceived(M.message(b"P", b"\x00SELECT 1\x00\x00\x00") + bind(b"") + EXECUTE
                         + M.message(b"H") + M.query("COMMIT"))
-    server.dataReceived(b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04"
+    # (The unnamed statement goes as a named one of the pooler's, Closed first.)
+    assert b"\x00DOORMAN_" in server.transport.value()
+    server.dataReceived(b"3\x00\x00\x00\x04" + b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04"
                         + M.command_complete("SELECT 1") + b"3\x00\x00\x00\x04"
                         + M.command_complete("COMMIT") + M.ready_for_query(b"I"))
     reply = client.transport.value()
-    assert b"3\x00\x00\x00\x04" not in reply  # the probe's CloseComplete is ours
+    assert b"3\x00\x00\x00\x04" not in reply  # the CloseCompletes are ours
+    assert b"1\x00\x00\x00\x04" in reply
     assert client.server is None and server.link.settled() and list(pool.idle) == [server]
 
 
