@@ -97,7 +97,7 @@ class Remapper:
                 return PARSE_FAILING
             stmt = cache.get(body)
         names[name] = stmt
-        if link.status != _FAILED and stmt.name in link.statements:
+        if link.status != _FAILED and link.statements.has(stmt.name):
             # (In a failed transaction PostgreSQL refuses a Parse, 25P02, but not a Close:
             # then the real Parse goes, to fail as it would.)
             cache.hits += 1
@@ -222,7 +222,7 @@ class Remapper:
 
     def _ensure(self, link, stmt: Statement) -> bytes:
         """Bytes to put first so that the server holds C{stmt}: an injected Parse, or nothing."""
-        if stmt.name in link.statements or stmt.parse is None:
+        if link.statements.has(stmt.name) or stmt.parse is None:
             # (A statement SQL PREPAREd with parameter types cannot be Parsed: in the middle
             # of a pipeline on a server that lacks it, its Bind gets PostgreSQL's 26000.)
             return b""
