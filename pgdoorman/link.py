@@ -158,7 +158,8 @@ class Link:
     """
 
     __slots__ = ("pending", "dirty", "in_transaction", "expect", "statements", "unnamed",
-                 "replies", "internal", "tainted", "track", "status", "copying", "skipping")
+                 "replies", "internal", "tainted", "track", "status", "copying", "copy_open",
+                 "skipping")
 
     def __init__(self, cache_size: int, track: bool = False):
         #: transaction mode: every message that PostgreSQL answers with ReadyForQuery,
@@ -178,6 +179,10 @@ class Link:
         self.status = 73
         #: PostgreSQL is in COPY FROM STDIN: it ignores the client's Syncs until CopyDone.
         self.copying = False
+        #: a COPY FROM STDIN began and no ReadyForQuery came since: after a CopyDone of a COPY
+        #: run by Execute, PostgreSQL still waits for a Sync, its implicit transaction open
+        #: (a server left so would commit the rows with its next client's query).
+        self.copy_open = False
         #: an error put PostgreSQL in skip-to-Sync before the client sent its Sync: what the
         #: client sends until then gets no replies, only the Sync its ReadyForQuery.
         self.skipping = False
@@ -187,7 +192,7 @@ class Link:
     def settled(self) -> bool:
         """Every reply is in and nothing is half done: the next client may have this server."""
         return (not self.pending and not self.dirty and not self.expect and not self.internal
-                and self.tainted is None and not self.copying)
+                and self.tainted is None and not self.copying and not self.copy_open)
 
     def taint(self, why: str) -> None:
         if self.tainted is None:
@@ -200,6 +205,7 @@ class Link:
         A CopyInResponse: the Syncs the client sent after the COPY started, up to its
         CopyDone/CopyFail, are ignored by PostgreSQL and get no ReadyForQuery.
         """
+        self.copy_open = True
         if not self.track:
             return
         expect = self.expect
@@ -246,6 +252,7 @@ class Link:
             if expect:
                 expect.popleft()
         self.skipping = False
+        self.copy_open = False
         if self.pending <= 0:
             self.taint("ReadyForQuery nobody asked for")
         else:

@@ -394,3 +394,26 @@ def test_copy_abandoned_after_its_sync_does_not_hand_a_copying_server_on(d, pg):
     time.sleep(0.3)
     canary = Canary(d)
     canary.round()
+
+
+def test_copy_done_without_its_sync_is_not_committed_by_the_next_client(d, pg):
+    """
+    COPY FROM STDIN by Parse/Bind/Execute/Sync ends with CopyDone: PostgreSQL answers
+    CommandComplete and then waits for a Sync (the first one was ignored during copy-in), the
+    implicit transaction still open.  A client that leaves then has committed nothing; if its
+    server went to the next client as it was, that client's first query would commit the rows.
+    """
+    pg.psql("CREATE TABLE IF NOT EXISTS hostile_copy (v int); "
+            'GRANT ALL ON hostile_copy TO "%s"' % d.user, db=DB)
+    h = login(d)
+    h.send(parse("", "COPY hostile_copy (v) FROM STDIN") + bind("") + execute() + SYNC)
+    kinds = [h.recv_msg()[0] for _ in range(3)]
+    assert kinds == [b"1", b"2", b"G"], kinds
+    h.send(message(b"d", b"424242\n") + message(b"c") + message(b"H"))  # + Flush
+    assert h.recv_msg()[0] == b"C"  # COPY 1, and no ReadyForQuery: a Sync is owed
+    h.close()
+    time.sleep(0.3)
+    canary = Canary(d)
+    for _ in range(3):
+        canary.round()
+    assert pg.psql("SELECT count(*) FROM hostile_copy WHERE v = 424242", db=DB).strip() == "0"
