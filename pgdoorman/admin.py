@@ -271,6 +271,10 @@ class AdminConsole:
             method = getattr(self, "show_" + name, None)
             if method is None:
                 raise AdminError("invalid command '%s', use SHOW HELP;" % statement.strip())
+            if getattr(self.top, "worker", None) is not None:
+                from pgdoorman import workers
+                if name in workers.GATHERED:
+                    return workers.gather_show(self, name)  # every worker's rows
             return method()
         method = getattr(self, "cmd_" + verb, None)
         if method is None:
