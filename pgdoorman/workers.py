@@ -167,6 +167,7 @@ class WorkerLink:
         owner = worker_of(pid)
         if owner is None or owner == self.index or self.channel is None:
             return False
+        self.log.debug("cancel request passed on to worker {owner}", owner=owner)
         self.send(CANCEL, _CANCEL.pack(pid, secret))
         return True
 
@@ -386,6 +387,8 @@ class Supervisor:
         self.argv = argv
         self.listeners = listeners
         self.workers: Dict[int, _Worker] = {}
+        #: workers whose channel closed and whose process is not reaped yet.
+        self.exiting: set = set()
         self.broker = _budget.Broker(self._send)
         self.shutting_down = False
         self.on_ready: List = []
@@ -480,11 +483,9 @@ class Supervisor:
                 ask["pending"].discard(w.index)
                 if not ask["pending"]:
                     self._answered(ident)
+        self.exiting.add(w)
         self._reap(w)
         if self.shutting_down or w.retiring:
-            if not self.workers:
-                self.log.info("every worker has stopped: the supervisor exits")
-                _stop()
             return
         quick = time.monotonic() - w.started < 2.0
         self.log.warn("worker {index} (pid {pid}) exited: starting another{later}",
@@ -497,13 +498,25 @@ class Supervisor:
             return
         self.spawn(index)
 
-    def _reap(self, w: _Worker, tries: int = 200) -> None:
+    def _reap(self, w: _Worker, tries: int = 400) -> None:
+        """Wait for an exiting worker's process; the supervisor exits after the last one."""
         rc = w.proc.poll()
         if rc is None and tries:
-            reactor.callLater(0.05, self._reap, w, tries - 1)
-        elif rc is not None and rc != 0:
+            reactor.callLater(0.02, self._reap, w, tries - 1)
+            return
+        if rc is None:
+            w.proc.kill()
+            w.proc.wait()
+        elif rc != 0:
             self.log.warn("worker {index} (pid {pid}) exit status {rc}", index=w.index,
                           pid=w.proc.pid, rc=rc)
+        self.exiting.discard(w)
+        self._exitIfDone()
+
+    def _exitIfDone(self) -> None:
+        if self.shutting_down and not self.workers and not self.exiting:
+            self.log.info("every worker has stopped: the supervisor exits")
+            _stop()
 
     # -- SHOW and /metrics ----------------------------------------------------------------------
 
@@ -591,8 +604,7 @@ class Supervisor:
             limit = (self.config.general.shutdown_timeout or 0) + 10.0
             reactor.callLater(limit, self._killAll)
         self.forward(signum)
-        if not self.workers:
-            _stop()
+        self._exitIfDone()
 
     def _killAll(self) -> None:
         for w in list(self.workers.values()):

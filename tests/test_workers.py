@@ -7,11 +7,16 @@ worker's tag is its top byte), as a user could with pg_backend_pid() on the clie
 """
 
 import os
+import signal
+import sys
 import threading
+import time
+import urllib.request
 
+import psycopg
 import pytest
 
-from conftest import BackendSampler, simple_config, wait_until
+from conftest import BackendSampler, Background, simple_config, wait_until
 
 
 def worker_of(conn):
@@ -96,3 +101,205 @@ def test_worker_threads_one_is_a_single_process(pg, new_user, pgdoorman):
     with d.connect(user, "db1", password) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert children(d.proc.pid) == []
+
+
+def on_worker(conns, index):
+    return [c for c in conns if worker_of(c) == index]
+
+
+def admin_show(d, what):
+    from psycopg.rows import dict_row
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True,
+                         row_factory=dict_row) as conn:
+        return conn.execute("SHOW %s" % what).fetchall()
+
+
+def run_together(conns, sql):
+    """C{sql} on every connection at once; (seconds taken, errors)."""
+    errors = []
+
+    def one(c):
+        try:
+            c.execute(sql)
+        except Exception as e:
+            errors.append(e)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return time.monotonic() - started, errors
+
+
+@pytest.mark.timeout(120)
+def test_idle_servers_move_to_the_worker_where_clients_wait(pg, new_user, pgdoorman):
+    """
+    Uneven disconnects: worker A's clients leave A holding the whole budget in idle servers;
+    a client on worker B gets a server at once (A sheds one), within pool_size.
+    """
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2,
+                                    general={"idle_timeout": "10m"})
+    conns = connect_spread(d, user, password, 3)
+    a = worker_of(conns[0])
+    on_a = on_worker(conns, a)
+    while len(on_a) < 2:
+        c = d.connect(user, "db1", password)
+        conns.append(c)
+        on_a = on_worker(conns, a)
+    on_b = [c for c in conns if worker_of(c) != a]
+    took, errors = run_together(on_a[:2], "SELECT pg_sleep(0.3)")
+    assert not errors and took < 3
+    assert pg.count_backends(user) == 2  # A holds both slots, idle now
+    for c in on_a:
+        c.close()
+    with BackendSampler(pg, user) as sampler:
+        started = time.monotonic()
+        assert on_b[0].execute("SELECT 42").fetchone() == (42,)
+        waited = time.monotonic() - started
+        took, errors = run_together(on_b[:1] + [d.connect(user, "db1", password)
+                                                for _ in range(3)], "SELECT pg_sleep(0.2)")
+        peak = sampler.stop()
+    assert waited < 2.0, "the client on the other worker waited %.1fs" % waited
+    assert not errors, errors
+    assert peak <= 2
+
+
+@pytest.mark.timeout(120)
+def test_cancel_reaches_the_worker_holding_the_client(pg, new_user, pgdoorman):
+    """conn.cancel() opens a new connection, which may land on the other worker: it works."""
+    user, password = new_user()
+    d = pgdoorman(simple_config(pg, user, password, pool_size=4,
+                                general={"worker_threads": 2}),
+                  argv=[sys.executable, "-m", "pgdoorman", "-l", "debug", "{config}"])
+    wait_until(lambda: len(children(d.proc.pid)) == 2, message="two worker processes")
+    conns = connect_spread(d, user, password, 2)
+    forwarded = 0
+    for attempt in range(12):
+        conn = conns[attempt % len(conns)]
+        q = Background(conn.execute, "SELECT pg_sleep(20)")
+        wait_until(lambda: any(b["state"] == "active" for b in pg.backends(user)),
+                   message="the query running")
+        conn.cancel()
+        err = q.error(10)
+        assert isinstance(err, psycopg.errors.QueryCanceled), err
+        assert q.elapsed < 8
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        forwarded = d.log().count("cancel request passed on to worker")
+        if forwarded >= 2 and attempt >= 3:
+            break
+    assert forwarded >= 1, "no cancel ever landed on the other worker in 12 tries"
+
+
+@pytest.mark.timeout(120)
+def test_show_and_metrics_count_every_worker(pg, new_user, pgdoorman):
+    from conftest import free_port
+    user, password = new_user()
+    mport = free_port()
+    cfg = simple_config(pg, user, password, pool_size=4, general={"worker_threads": 2})
+    cfg["prometheus"] = {"enabled": True, "host": "127.0.0.1", "port": mport}
+    d = pgdoorman(cfg)
+    wait_until(lambda: len(children(d.proc.pid)) == 2, message="two worker processes")
+    conns = connect_spread(d, user, password, 6)
+    for c in conns:
+        for _ in range(3):
+            c.execute("SELECT 1")
+    rows = [r for r in admin_show(d, "POOLS") if r["user"] == user]
+    assert len(rows) == 1, rows
+    assert rows[0]["cl_active"] + rows[0]["cl_waiting"] == len(conns)
+    assert rows[0]["pool_size"] == 4
+    stats = [r for r in admin_show(d, "STATS") if r["database"] == "db1"]
+    assert stats and stats[0]["total_query_count"] >= 3 * len(conns)
+    clients = [r for r in admin_show(d, "CLIENTS") if r["user"] == user]
+    assert len(clients) == len(conns)
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport, timeout=10).read()
+    text = text.decode()
+    lines = {ln.rpartition(" ")[0]: float(ln.rpartition(" ")[2]) for ln in text.splitlines()
+             if ln and not ln.startswith("#")}
+    key = 'pg_doorman_pools_clients{database="db1",status="idle",user="%s"}' % user
+    assert lines[key] == len(conns), text
+    assert lines['pg_doorman_connections_total{type="client"}'] >= len(conns)
+    assert lines["pg_doorman_workers"] == 2
+    queries = 'pg_doorman_pools_queries_total{database="db1",user="%s"}' % user
+    assert lines[queries] >= 3 * len(conns)
+
+
+@pytest.mark.timeout(120)
+def test_dead_worker_is_replaced_and_its_slots_freed(pg, new_user, pgdoorman):
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2)
+    conns = connect_spread(d, user, password, 2)
+    both = [on_worker(conns, 0)[0], on_worker(conns, 1)[0]]
+    took, errors = run_together(both, "SELECT pg_sleep(0.3)")
+    assert not errors and pg.count_backends(user) == 2  # one slot held by each worker
+    before = children(d.proc.pid)
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(children(d.proc.pid)) == 2 and victim not in children(d.proc.pid),
+               timeout=20, message="a new worker in place of the killed one")
+    wait_until(lambda: pg.count_backends(user) <= 1, message="the dead worker's backend gone")
+    # Both slots are usable again: two queries of a second each run side by side.
+    fresh = []
+    while True:
+        fresh.append(d.connect(user, "db1", password))
+        same = [c for c in fresh if worker_of(c) == worker_of(fresh[-1])]
+        if len(same) == 2:
+            break
+    with BackendSampler(pg, user) as sampler:
+        took, errors = run_together(same, "SELECT pg_sleep(1)")
+        peak = sampler.stop()
+    assert not errors, errors
+    assert took < 1.8, "the two queries ran one after the other (%.1fs): a slot leaked" % took
+    assert peak <= 2
+
+
+@pytest.mark.timeout(120)
+def test_sighup_reaches_every_worker(pg, new_user, pgdoorman):
+    """pool_size 1 -> 3 by SIGHUP to the supervisor: three queries side by side afterwards."""
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=1)
+    conns = connect_spread(d, user, password, 6)
+    took, errors = run_together(conns[:2], "SELECT pg_sleep(0.5)")
+    assert not errors and took >= 0.95  # one slot: one after the other
+    import yaml
+    with open(d.config_path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["pools"]["db1"]["users"][0]["pool_size"] = 3
+    with open(d.config_path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_until(lambda: d.log().count("configuration reloaded") >= 2, message="both reloaded")
+    for w in (0, 1):
+        group = on_worker(conns, w)
+        while len(group) < 3:
+            c = d.connect(user, "db1", password)
+            conns.append(c)
+            group = on_worker(conns, w)
+        took, errors = run_together(group[:3], "SELECT pg_sleep(0.6)")
+        assert not errors and took < 1.1, "worker %d: %.1fs for three queries" % (w, took)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_every_worker_after_the_clients_leave(pg, new_user, pgdoorman):
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2)
+    conns = connect_spread(d, user, password, 2)
+    workers = children(d.proc.pid)
+    os.kill(d.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    for c in conns:  # connected clients are still served
+        assert c.execute("SELECT 7").fetchone() == (7,)
+
+    def refused():
+        try:
+            d.connect(user, "db1", password).close()
+        except psycopg.OperationalError:
+            return True
+        return False
+
+    wait_until(refused, timeout=5, message="new connections refused")
+    assert d.proc.poll() is None
+    for c in conns:
+        c.close()
+    assert d.proc.wait(10) == 0
+    for pid in workers:
+        assert not os.path.exists("/proc/%d" % pid) or \
+            open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z"
