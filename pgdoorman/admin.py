@@ -620,6 +620,8 @@ class AdminConsole:
         ok, message = self.top.reload_config()
         if not ok:
             raise AdminError("RELOAD failed: %s" % message, CONFIG_FILE_ERROR)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("reload")  # worker_threads: every worker reloads
         return Result("RELOAD")
 
     def cmd_pause(self, arg: str) -> defer.Deferred:
@@ -669,7 +671,10 @@ class AdminConsole:
         if mode not in ("", "wait_for_servers", "wait_for_clients"):
             raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
         self.log.info("SHUTDOWN {mode} command issued", mode=mode.upper())
-        self.top.shutdown("clients" if mode == "wait_for_clients" else "servers")
+        wait_for = "clients" if mode == "wait_for_clients" else "servers"
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("shutdown", wait_for)  # worker_threads: all stop
+        self.top.shutdown(wait_for)
         return Result("SHUTDOWN")
 
     def cmd_upgrade(self, arg: str) -> defer.Deferred:

@@ -61,7 +61,9 @@ UPGRADE = b"U"     # worker -> supervisor: the admin console asked for UPGRADE
 ASK = b"Q"         # worker -> supervisor -> workers: {"id", "show"}: your rows, please
 METRICS = b"M"     # supervisor -> worker: {"id"}: your /metrics text, please
 REPLY = b"r"       # the answer to ASK or METRICS: {"id", ...}
-SIGNAL = b"s"      # worker -> supervisor: {"signal"}: pass this on to every worker (RELOAD)
+SIGNAL = b"s"      # worker -> supervisor: {"signal"}: pass this on to every worker
+ACTION = b"X"      # worker -> supervisor -> the other workers: {"action", "wait_for"}: the
+                   # admin console's RELOAD or SHUTDOWN, done everywhere
 
 _CANCEL = __import__("struct").Struct("!ii")
 
@@ -190,6 +192,12 @@ class WorkerLink:
         elif kind == ASK:
             d = json.loads(payload.decode())
             self._reply(d["id"], **local_show(pools, d["show"]))
+        elif kind == ACTION:
+            d = json.loads(payload.decode())
+            if d["action"] == "reload":
+                self.top.reload_config()
+            elif d["action"] == "shutdown":
+                self.top.shutdown(d.get("wait_for") or "servers")
         elif kind == REPLY:
             d = json.loads(payload.decode())
             waiter = self._asks.pop(d["id"], None)
@@ -231,6 +239,10 @@ class WorkerLink:
 
     def signal_all(self, signum: int) -> None:
         self.send(SIGNAL, json.dumps({"signal": int(signum)}).encode())
+
+    def tell_others(self, action: str, wait_for: str = "") -> None:
+        """The admin console's RELOAD or SHUTDOWN here: the other workers do it too."""
+        self.send(ACTION, json.dumps({"action": action, "wait_for": wait_for}).encode())
 
     def _lost(self) -> None:
         self.channel = None
@@ -453,6 +465,13 @@ class Supervisor:
             self.upgrade(json.loads(payload.decode()).get("why", "UPGRADE"))
         elif kind == SIGNAL:
             self.forward(json.loads(payload.decode())["signal"])
+        elif kind == ACTION:
+            d = json.loads(payload.decode())
+            if d.get("action") == "shutdown":
+                self._stopAccepting("SHUTDOWN from the admin console")
+            for other in list(self.workers.values()):
+                if other is not w and other.channel is not None:
+                    other.channel.send(ACTION, payload)
         elif kind == ASK:
             d = json.loads(payload.decode())
             self._gather(w, d)
@@ -591,20 +610,24 @@ class Supervisor:
 
     def terminate(self, signum: int) -> None:
         """SIGTERM, SIGQUIT, SIGINT in a terminal: every worker shuts down, then this one."""
-        if not self.shutting_down:
-            self.shutting_down = True
-            from pgdoorman.service import _notify
-            _notify("STOPPING=1")
-            self.log.info("signal {sig}: stopping the workers", sig=signum)
-            for sock in self.listeners.values():
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-            limit = (self.config.general.shutdown_timeout or 0) + 10.0
-            reactor.callLater(limit, self._killAll)
+        self._stopAccepting("signal %d" % signum)
         self.forward(signum)
         self._exitIfDone()
+
+    def _stopAccepting(self, why: str) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        from pgdoorman.service import _notify
+        _notify("STOPPING=1")
+        self.log.info("{why}: stopping the workers", why=why)
+        for sock in self.listeners.values():
+            try:
+                sock.close()
+            except OSError:
+                pass
+        limit = (self.config.general.shutdown_timeout or 0) + 10.0
+        reactor.callLater(limit, self._killAll)
 
     def _killAll(self) -> None:
         for w in list(self.workers.values()):

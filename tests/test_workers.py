@@ -303,3 +303,60 @@ def test_sigterm_stops_every_worker_after_the_clients_leave(pg, new_user, pgdoor
     for pid in workers:
         assert not os.path.exists("/proc/%d" % pid) or \
             open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def set_pool_size(d, size):
+    import yaml
+    with open(d.config_path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["pools"]["db1"]["users"][0]["pool_size"] = size
+    with open(d.config_path, "w") as f:
+        yaml.safe_dump(cfg, f)
+
+
+@pytest.mark.timeout(120)
+def test_admin_reload_and_shutdown_reach_every_worker(pg, new_user, pgdoorman):
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=1)
+    conns = connect_spread(d, user, password, 2)
+    set_pool_size(d, 3)
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as admin:
+        admin.execute("RELOAD")
+    wait_until(lambda: d.log().count("configuration reloaded") >= 2, message="both reloaded")
+    for w in (0, 1):
+        group = on_worker(conns, w)
+        while len(group) < 3:
+            conns.append(d.connect(user, "db1", password))
+            group = on_worker(conns, w)
+        took, errors = run_together(group[:3], "SELECT pg_sleep(0.6)")
+        assert not errors and took < 1.1, "worker %d: %.1fs for three queries" % (w, took)
+    for c in conns:
+        c.close()
+    with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as admin:
+        admin.execute("SHUTDOWN")
+    assert d.proc.wait(15) == 0
+
+
+@pytest.mark.timeout(120)
+def test_sigusr2_replaces_the_workers_without_refusing_anyone(pg, new_user, pgdoorman):
+    """Rolling upgrade: new workers first, old ones leave when their clients have."""
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=4)
+    old_conns = connect_spread(d, user, password, 2)
+    old = children(d.proc.pid)
+    os.kill(d.proc.pid, signal.SIGUSR2)
+    wait_until(lambda: len(children(d.proc.pid)) == 4, timeout=30, message="new workers")
+    # New clients reach the new workers (tags 2 and 3) while the old ones still serve theirs.
+    def new_worker_serves():
+        c = d.connect(user, "db1", password)
+        try:
+            return worker_of(c) in (2, 3) and c.execute("SELECT 5").fetchone() == (5,)
+        finally:
+            c.close()
+    wait_until(new_worker_serves, timeout=20, message="a new worker serving")
+    for c in old_conns:
+        assert c.execute("SELECT 6").fetchone() == (6,)
+        c.close()
+    wait_until(lambda: len(children(d.proc.pid)) == 2 and
+               not set(old) & set(children(d.proc.pid)), timeout=20,
+               message="the old workers gone")
+    with d.connect(user, "db1", password) as c:
+        assert worker_of(c) in (2, 3)
