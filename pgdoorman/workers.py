@@ -198,6 +198,8 @@ class WorkerLink:
                 self.top.reload_config()
             elif d["action"] == "shutdown":
                 self.top.shutdown(d.get("wait_for") or "servers")
+            elif d["action"] == "now":
+                self.top.shutdown_now(d.get("why") or "the supervisor stops")
         elif kind == REPLY:
             d = json.loads(payload.decode())
             waiter = self._asks.pop(d["id"], None)
@@ -609,10 +611,26 @@ class Supervisor:
         _notify("READY=1", "STATUS=configuration reloaded")
 
     def terminate(self, signum: int) -> None:
-        """SIGTERM, SIGQUIT, SIGINT in a terminal: every worker shuts down, then this one."""
+        """
+        SIGTERM, SIGQUIT, SIGINT in a terminal: every worker shuts down as the pooler does on
+        that signal, then this process exits.  Told over the channel, not signalled: under
+        systemd (KillMode=control-group) the workers get the same SIGTERM directly, and a
+        forwarded second one would turn the safe shutdown into an immediate one.
+        """
+        first = not self.shutting_down
         self._stopAccepting("signal %d" % signum)
-        self.forward(signum)
+        if signum == signal.SIGQUIT or not first:
+            self._tellAll("now", why="signal %d to the supervisor" % signum)
+        else:
+            self._tellAll("shutdown", wait_for="clients" if signum == signal.SIGTERM
+                          else "servers")
         self._exitIfDone()
+
+    def _tellAll(self, action: str, **fields) -> None:
+        payload = json.dumps(dict(fields, action=action)).encode()
+        for w in list(self.workers.values()):
+            if w.channel is not None:
+                w.channel.send(ACTION, payload)
 
     def _stopAccepting(self, why: str) -> None:
         if self.shutting_down:

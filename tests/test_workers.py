@@ -283,7 +283,11 @@ def test_sigterm_stops_every_worker_after_the_clients_leave(pg, new_user, pgdoor
     d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2)
     conns = connect_spread(d, user, password, 2)
     workers = children(d.proc.pid)
+    # As systemd stops the unit (KillMode=control-group): SIGTERM to every process at once.
+    # The workers must still wait for their clients, not take it as a second SIGTERM.
     os.kill(d.proc.pid, signal.SIGTERM)
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
     time.sleep(0.5)
     for c in conns:  # connected clients are still served
         assert c.execute("SELECT 7").fetchone() == (7,)
