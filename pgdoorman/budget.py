@@ -80,6 +80,18 @@ class Broker:
     def __init__(self, send: Callable[[int, bytes, bytes], None]):
         self.send = send
         self.budgets: Dict[Key, _Budget] = {}
+        #: max_db_connections (+ reserve_pool_size) per database that sets it: a cap on the
+        #: sum of its pools' slots over all workers.
+        self.db_caps: Dict[str, int] = {}
+
+    def _dbFull(self, db: str) -> bool:
+        cap = self.db_caps.get(db)
+        if not cap:
+            return False
+        return sum(b.total() for k, b in self.budgets.items() if k[0] == db) >= cap
+
+    def _free(self, key: Key, b: _Budget) -> bool:
+        return b.total() < b.size and not self._dbFull(key[0])
 
     def _budget(self, key: Key, size: Optional[int] = None) -> _Budget:
         b = self.budgets.get(key)
@@ -96,6 +108,11 @@ class Broker:
         d = json.loads(payload.decode("utf-8"))
         key = (d["db"], d["user"])
         if kind == ACQUIRE:
+            cap = int(d.get("db_cap") or 0)
+            if cap:
+                self.db_caps[key[0]] = cap
+            else:
+                self.db_caps.pop(key[0], None)
             self.acquire(worker, key, int(d["size"]))
         elif kind == FREE:
             self.free(worker, key, int(d.get("n", 1)))
@@ -106,7 +123,7 @@ class Broker:
 
     def acquire(self, worker: int, key: Key, size: int) -> None:
         b = self._budget(key, size)
-        if not b.queue and b.total() < b.size:
+        if not b.queue and self._free(key, b):
             self._grant(worker, key, b)
             return
         b.queue.append(worker)
@@ -124,13 +141,17 @@ class Broker:
             b.held.pop(worker, None)
         b.shedding = max(0, b.shedding - n)
         self._serve(key, b)
+        if key[0] in self.db_caps:  # a slot of the database: any of its pools may use it
+            for k, other in self.budgets.items():
+                if k[0] == key[0] and other.queue:
+                    self._serve(k, other)
 
     def _grant(self, worker: int, key: Key, b: _Budget) -> None:
         b.held[worker] = b.held.get(worker, 0) + 1
         self.send(worker, GRANT, _payload(*key))
 
     def _serve(self, key: Key, b: _Budget) -> None:
-        while b.queue and b.total() < b.size:
+        while b.queue and self._free(key, b):
             self._grant(b.queue.popleft(), key, b)
 
     def _askShed(self, key: Key, b: _Budget) -> None:
@@ -139,11 +160,17 @@ class Broker:
         if need <= 0:
             return
         waiting = set(b.queue)
-        donors = sorted((w for w, n in b.held.items() if n > 0 and w not in waiting),
-                        key=lambda w: -b.held[w])
-        for w in donors[:need]:
+        if b.total() < b.size and self._dbFull(key[0]):
+            # The database's cap, not the pool's: other users' idle connections make room
+            # (each worker's coordinator keeps its own floors, min_guaranteed_pool_size).
+            donors = [(w, k) for k, other in self.budgets.items()
+                      if k[0] == key[0] and k != key for w, n in other.held.items() if n > 0]
+        else:
+            donors = [(w, key) for w, n in sorted(b.held.items(), key=lambda i: -i[1])
+                      if n > 0 and w not in waiting]
+        for w, k in donors[:need]:
             b.shedding += 1
-            self.send(w, SHED, _payload(*key))
+            self.send(w, SHED, _payload(*k))
 
     def tick(self) -> None:
         """The supervisor's beat: requests still waiting ask again (servers go idle later)."""
@@ -194,7 +221,13 @@ class BudgetClient:
             return True
         if key not in self.asking:
             self.asking[key] = pool
-            self.send(ACQUIRE, _payload(key[0], key[1], size=pool.settings.pool_size))
+            cap = 0
+            coordinator = pool.coordinator
+            if coordinator is not None:  # max_db_connections holds over all workers too
+                cap = (coordinator.settings.max_db_connections
+                       + coordinator.settings.reserve_pool_size)
+            self.send(ACQUIRE, _payload(key[0], key[1], size=pool.settings.pool_size,
+                                        db_cap=cap))
         return False
 
     def release(self, pool) -> None:

@@ -382,3 +382,41 @@ def test_sigusr2_replaces_the_workers_without_refusing_anyone(pg, new_user, pgdo
                message="the old workers gone")
     with d.connect(user, "db1", password) as c:
         assert worker_of(c) in (2, 3)
+
+
+@pytest.mark.timeout(120)
+def test_max_db_connections_holds_over_all_workers(pg, new_user, pgdoorman):
+    """Two users of one database, pool_size 2 each, max_db_connections 2, two workers."""
+    from conftest import make_config, pool_entry, user_entry
+    users = [new_user(), new_user()]
+    entries = [user_entry(u, p, 2, server_username=u, server_password=pg.passwords.get(u, p))
+               for u, p in users]
+    cfg = make_config({"db1": pool_entry(pg, entries, max_db_connections=2)},
+                      worker_threads=2, query_wait_timeout="20s")
+    d = pgdoorman(cfg)
+    wait_workers(d)
+    conns = []
+    for u, p in users:
+        conns += connect_spread(d, u, p, 4)
+    names = [u for u, _ in users]
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        with pg.connect_super() as c:
+            while not stop.is_set():
+                n = c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                              "'client backend' AND usename = ANY(%s)", [names]).fetchone()[0]
+                peak[0] = max(peak[0], n)
+                time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        took, errors = run_together(conns, "SELECT pg_sleep(0.1)")
+        took2, errors2 = run_together(conns, "SELECT pg_sleep(0.1)")
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert not errors and not errors2, (errors + errors2)[:3]
+    assert 1 <= peak[0] <= 2, "peak %d backends for max_db_connections 2" % peak[0]
