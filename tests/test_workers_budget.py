@@ -108,3 +108,26 @@ def test_cancel_tags_name_the_worker():
         pid = (0x123456 & 0xFFFFFF) | workers.tag(index)
         assert 0 < pid < 2 ** 31 and workers.worker_of(pid) == index
     assert workers.worker_of(0x00123456) is None
+
+
+def _config(value):
+    from pgdoorman.config import loads
+    return loads("general:\n  admin_password: x\n  worker_threads: %s\n"
+                 "pools:\n  db:\n    users:\n      - username: u\n        password: p\n"
+                 % value)
+
+
+def test_worker_threads_auto_is_one_per_core_and_nonsense_is_refused():
+    import os
+
+    import pytest
+
+    from pgdoorman.config import ConfigError
+    assert workers.count(_config("auto")) == len(os.sched_getaffinity(0))
+    assert workers.count(_config(3)) == 3
+    assert _config("1").general.worker_threads == 1
+    with pytest.raises(ConfigError) as e:
+        _config("many")
+    assert "worker_threads" in str(e.value) and "auto" in str(e.value)
+    with pytest.raises(ConfigError):
+        _config(0)
