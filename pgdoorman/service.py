@@ -277,7 +277,8 @@ class PgDoormanService(service.MultiService):
 
     def _warnRestartOnly(self, new) -> None:
         old = self.config
-        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode"):
+        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode") + \
+                (("worker_threads",) if self.worker is None else ()):
             if getattr(old.general, key) != getattr(new.general, key):
                 self.log.warn("general.{key} changed in the config file: it takes effect at "
                               "the next restart", key=key)

@@ -608,7 +608,24 @@ class Supervisor:
             self.log.error("reload: {error} (the workers keep their configuration too)",
                            error=e)
         self.forward(signal.SIGHUP)
+        self._resize(count(self.config))
         _notify("READY=1", "STATUS=configuration reloaded")
+
+    def _resize(self, n: int) -> None:
+        """worker_threads changed by a reload: start the extra workers, or retire some."""
+        live = sorted((w for w in self.workers.values() if not w.retiring),
+                      key=lambda w: w.index)
+        if n == len(live) or self.shutting_down:
+            return
+        self.log.info("worker_threads is now {n} (was {old})", n=n, old=len(live))
+        self.n = n
+        for _ in range(n - len(live)):
+            self.spawn(self._freeIndex())
+        for w in live[n:]:
+            w.retiring = True  # leaves once its clients have; not started again
+            if w.channel is not None:
+                w.channel.send(ACTION, json.dumps({"action": "shutdown",
+                                                   "wait_for": "clients"}).encode())
 
     def terminate(self, signum: int) -> None:
         """

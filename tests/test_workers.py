@@ -420,3 +420,31 @@ def test_max_db_connections_holds_over_all_workers(pg, new_user, pgdoorman):
         sampler.join(10)
     assert not errors and not errors2, (errors + errors2)[:3]
     assert 1 <= peak[0] <= 2, "peak %d backends for max_db_connections 2" % peak[0]
+
+
+@pytest.mark.timeout(120)
+def test_reload_changes_the_number_of_workers(pg, new_user, pgdoorman):
+    import yaml
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2)
+    with open(d.config_path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["general"]["worker_threads"] = 3
+    with open(d.config_path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_until(lambda: len(children(d.proc.pid)) == 3, timeout=30, message="a third worker")
+    seen = set()
+
+    def three_seen():
+        with d.connect(user, "db1", password) as c:
+            seen.add(worker_of(c))
+        return seen == {0, 1, 2}
+
+    wait_until(three_seen, timeout=30, interval=0.05, message="clients on three workers")
+    cfg["general"]["worker_threads"] = 1
+    with open(d.config_path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_until(lambda: len(children(d.proc.pid)) == 1, timeout=30, message="one worker left")
+    with d.connect(user, "db1", password) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
