@@ -645,12 +645,16 @@ class AdminConsole:
             raise AdminError("database %s is not paused" % db, OBJECT_IN_USE)
         self.log.info("RESUME {db} command issued", db=db or "")
         self.pools.resume(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("resume", db=db)
         return Result("RESUME")
 
     def cmd_reconnect(self, arg: str) -> Result:
         db = self._database(arg)
         self.log.info("RECONNECT {db} command issued", db=db or "")
         self.pools.reconnect(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("reconnect", db=db)
         return Result("RECONNECT")
 
     def cmd_kill(self, arg: str) -> Result:
@@ -659,6 +663,8 @@ class AdminConsole:
             raise AdminError("KILL needs a database: KILL <db>", SYNTAX_ERROR)
         self.log.info("KILL {db} command issued", db=db)
         self.pools.kill(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("kill", db=db)
         return Result("KILL")
 
     def cmd_shutdown(self, arg: str) -> Result:

@@ -200,6 +200,14 @@ class WorkerLink:
                 self.top.shutdown(d.get("wait_for") or "servers")
             elif d["action"] == "now":
                 self.top.shutdown_now(d.get("why") or "the supervisor stops")
+            elif d["action"] == "reconnect":
+                pools.reconnect(d.get("db"))
+            elif d["action"] == "kill":
+                pools.kill(d["db"])
+            elif d["action"] == "resume":
+                if pools.is_paused(d.get("db")) or (d.get("db") is None
+                                                    and pools.paused_databases):
+                    pools.resume(d.get("db"))
         elif kind == REPLY:
             d = json.loads(payload.decode())
             waiter = self._asks.pop(d["id"], None)
@@ -242,9 +250,13 @@ class WorkerLink:
     def signal_all(self, signum: int) -> None:
         self.send(SIGNAL, json.dumps({"signal": int(signum)}).encode())
 
-    def tell_others(self, action: str, wait_for: str = "") -> None:
-        """The admin console's RELOAD or SHUTDOWN here: the other workers do it too."""
-        self.send(ACTION, json.dumps({"action": action, "wait_for": wait_for}).encode())
+    def tell_others(self, action: str, wait_for: str = "", db: Optional[str] = None) -> None:
+        """
+        The admin console's RELOAD, SHUTDOWN, RECONNECT, KILL or RESUME here: the other
+        workers do it too.
+        """
+        self.send(ACTION, json.dumps({"action": action, "wait_for": wait_for,
+                                      "db": db}).encode())
 
     def _lost(self) -> None:
         self.channel = None

@@ -448,3 +448,30 @@ def test_reload_changes_the_number_of_workers(pg, new_user, pgdoorman):
     wait_until(lambda: len(children(d.proc.pid)) == 1, timeout=30, message="one worker left")
     with d.connect(user, "db1", password) as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.timeout(120)
+def test_admin_reconnect_kill_and_resume_reach_every_worker(pg, new_user, pgdoorman):
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=2)
+    conns = connect_spread(d, user, password, 2)
+    both = [on_worker(conns, 0)[0], on_worker(conns, 1)[0]]
+    took, errors = run_together(both, "SELECT pg_sleep(0.3)")
+    assert not errors
+    old = {b["pid"] for b in pg.backends(user)}
+    assert len(old) == 2  # one idle server in each worker
+
+    def admin(sql):
+        with psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True) as a:
+            a.execute(sql)
+
+    admin("RECONNECT db1")
+    wait_until(lambda: not old & {b["pid"] for b in pg.backends(user)}, timeout=10,
+               message="both workers' servers closed")
+    admin("KILL db1")
+    for c in both:
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    admin("RESUME db1")
+    fresh = connect_spread(d, user, password, 2)
+    for c in fresh:
+        assert c.execute("SELECT 3").fetchone() == (3,)
