@@ -631,6 +631,11 @@ class AdminConsole:
                              "paused" % db, OBJECT_IN_USE)
         self.log.info("PAUSE {db} command issued", db=db or "")
         d = self.pools.pause(db)
+        worker = getattr(self.top, "worker", None)
+        if worker is not None:  # worker_threads: answered once every worker has paused
+            others = worker.ask_others("pause", timeout=3600.0, db=db)
+            d = defer.gatherResults([d, others], consumeErrors=True)
+            d.addErrback(lambda f: f.value.subFailure)
         d.addCallback(lambda _: Result("PAUSE"))
         d.addErrback(_as_admin_error)
         return d

@@ -191,7 +191,11 @@ class WorkerLink:
             self._reply(d["id"], text=self._metrics())
         elif kind == ASK:
             d = json.loads(payload.decode())
-            self._reply(d["id"], **local_show(pools, d["show"]))
+            if d["show"] == "pause":
+                ident = d["id"]
+                pools.pause(d.get("db")).addBoth(lambda _: self._reply(ident, rows=[]))
+            else:
+                self._reply(d["id"], **local_show(pools, d["show"]))
         elif kind == ACTION:
             d = json.loads(payload.decode())
             if d["action"] == "reload":
@@ -226,13 +230,17 @@ class WorkerLink:
             self._registry = make_registry(self.top.pools)
         return generate_latest(self._registry).decode("utf-8")
 
-    def ask_others(self, show: str, timeout: float = 3.0) -> defer.Deferred:
-        """The other workers' C{SHOW show} rows, as a list of {"columns", "rows"}."""
+    def ask_others(self, show: str, timeout: float = 3.0, **fields) -> defer.Deferred:
+        """
+        The other workers' C{SHOW show} rows, as a list of {"columns", "rows"}; with
+        C{show="pause"}, fires once the others' PAUSE (of C{fields["db"]}) is done.
+        """
         self._ids += 1
         ident = self._ids
         d = defer.Deferred()
         self._asks[ident] = d
-        self.send(ASK, json.dumps({"id": ident, "show": show}).encode())
+        self.send(ASK, json.dumps(dict(fields, id=ident, show=show,
+                                       timeout=timeout)).encode())
 
         def expire():
             waiter = self._asks.pop(ident, None)
@@ -586,7 +594,9 @@ class Supervisor:
             self._send(w.index, REPLY, json.dumps({"id": ident, "results": results},
                                                   default=str).encode())
 
-        self._ask(ASK, {"show": d["show"]}, exclude=w).addCallback(answer)
+        fields = {k: v for k, v in d.items() if k not in ("id", "timeout")}
+        self._ask(ASK, fields, exclude=w, timeout=float(d.get("timeout") or 2.0)
+                  ).addCallback(answer)
 
     def metrics(self) -> defer.Deferred:
         """Every worker's /metrics, merged (L{merge_metrics})."""

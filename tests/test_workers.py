@@ -475,3 +475,31 @@ def test_admin_reconnect_kill_and_resume_reach_every_worker(pg, new_user, pgdoor
     fresh = connect_spread(d, user, password, 2)
     for c in fresh:
         assert c.execute("SELECT 3").fetchone() == (3,)
+
+
+@pytest.mark.timeout(120)
+def test_admin_pause_waits_for_the_transactions_of_every_worker(pg, new_user, pgdoorman):
+    d, user, password = two_workers(pg, new_user, pgdoorman, pool_size=4)
+    conns = []
+    while not (on_worker(conns, 0) and on_worker(conns, 1)):
+        conns.append(d.connect(user, "db1", password, autocommit=False))
+    in_tx = [on_worker(conns, 0)[0], on_worker(conns, 1)[0]]
+    admin = psycopg.connect(d.dsn("admin", "pgdoorman", "admin"), autocommit=True)
+    # Both orders with one console: in one of them the console's own worker finishes first
+    # and the answer must wait for the other worker's transaction.
+    for first, second in (in_tx, in_tx[::-1]):
+        for c in in_tx:
+            c.execute("SELECT 1")  # a transaction holding a server, in each worker
+        pause = Background(admin.execute, "PAUSE db1")
+        time.sleep(1.0)
+        assert not pause.done()
+        first.commit()
+        time.sleep(1.0)
+        assert not pause.done(), "PAUSE answered with a transaction still open in a worker"
+        second.commit()
+        pause.result(10)
+        admin.execute("RESUME db1")
+    admin.close()
+    for c in in_tx:
+        assert c.execute("SELECT 2").fetchone() == (2,)
+        c.commit()
