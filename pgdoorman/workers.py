@@ -17,10 +17,13 @@ Unix socketpair (frames of L{pgdoorman.upgrade.Channel}):
   - B{SHOW} and B{/metrics}: the supervisor serves /metrics itself, summing every worker's
     samples (L{merge_metrics}); a worker serving an admin SHOW asks the others for their rows
     and merges them (L{gather_show});
-  - B{signals}: the supervisor passes SIGHUP, SIGTERM and SIGQUIT on to every worker, replaces
-    a worker that dies (its slots are freed with it), and answers SIGUSR2 (and a worker's
-    UPGRADE) with a rolling replacement: new workers from the installed code start first,
-    then each old one stops accepting and leaves once its clients have.
+  - B{signals}: the supervisor passes SIGHUP on to every worker and tells them to stop on
+    SIGTERM, SIGQUIT and SIGINT (over the channel: under systemd they get the same SIGTERM
+    themselves), replaces a worker that dies (its slots are freed with it), and answers
+    SIGUSR2 (and a worker's UPGRADE) with a rolling replacement: new workers from the
+    installed code start first, then each old one stops accepting and leaves once its clients
+    have; the admin console's RELOAD, SHUTDOWN, PAUSE, RESUME, RECONNECT and KILL reach every
+    worker the same way.
 
 C{worker_threads: 1} (the default) is today's single process: nothing here is imported and the
 pools have no budget to ask.  The supervisor stays the main process (systemd's MAINPID, the pid
@@ -34,6 +37,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -61,11 +65,10 @@ UPGRADE = b"U"     # worker -> supervisor: the admin console asked for UPGRADE
 ASK = b"Q"         # worker -> supervisor -> workers: {"id", "show"}: your rows, please
 METRICS = b"M"     # supervisor -> worker: {"id"}: your /metrics text, please
 REPLY = b"r"       # the answer to ASK or METRICS: {"id", ...}
-SIGNAL = b"s"      # worker -> supervisor: {"signal"}: pass this on to every worker
 ACTION = b"X"      # worker -> supervisor -> the other workers: {"action", "wait_for"}: the
                    # admin console's RELOAD or SHUTDOWN, done everywhere
 
-_CANCEL = __import__("struct").Struct("!ii")
+_CANCEL = struct.Struct("!ii")
 
 
 def count(config) -> int:
@@ -254,9 +257,6 @@ class WorkerLink:
     def upgrade(self, why: str) -> defer.Deferred:
         self.send(UPGRADE, json.dumps({"why": why}).encode())
         return defer.succeed((True, "rolling upgrade of the workers started by the supervisor"))
-
-    def signal_all(self, signum: int) -> None:
-        self.send(SIGNAL, json.dumps({"signal": int(signum)}).encode())
 
     def tell_others(self, action: str, wait_for: str = "", db: Optional[str] = None) -> None:
         """
@@ -485,8 +485,6 @@ class Supervisor:
             self._send(worker_of(pid) if worker_of(pid) is not None else -1, CANCEL, payload)
         elif kind == UPGRADE:
             self.upgrade(json.loads(payload.decode()).get("why", "UPGRADE"))
-        elif kind == SIGNAL:
-            self.forward(json.loads(payload.decode())["signal"])
         elif kind == ACTION:
             d = json.loads(payload.decode())
             if d.get("action") == "shutdown":
