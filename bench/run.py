@@ -57,13 +57,24 @@ def log(msg):
 
 # -- processes ----------------------------------------------------------------------------------
 
-def proc_cpu(pid):
-    """(utime, stime) of a process (all its threads) in seconds, from /proc/PID/stat."""
+def proc_cpu(pid, children=True):
+    """
+    (utime, stime) of a process (all its threads) in seconds, from /proc/PID/stat, plus its
+    living children's (pgdoorman's worker processes with worker_threads > 1).
+    """
     with open("/proc/%d/stat" % pid) as f:
         data = f.read()
     # comm (field 2) may contain spaces; fields after the closing paren start at field 3.
     rest = data[data.rindex(")") + 2:].split()
-    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
+    user, system = int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
+    if children:
+        for child in children_of(pid):
+            try:
+                u, s = proc_cpu(child, children=False)
+            except OSError:
+                continue
+            user, system = user + u, system + s
+    return user, system
 
 
 def children_of(pid):
@@ -243,7 +254,7 @@ def ensure_pypy_venv():
 
 
 def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
-                    vmprof_base=None):
+                    vmprof_base=None, workers=1):
     d = os.path.join(workdir, name)
     os.makedirs(d)
     port = free_port()
@@ -258,6 +269,7 @@ def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
   admin_password: "admin"
   log_client_connections: false
   log_client_disconnections: false
+  worker_threads: %(workers)d
 pools:
   %(db)s:
     server_host: "127.0.0.1"
@@ -270,7 +282,7 @@ pools:
         server_username: %(user)s
         server_password: %(spw)s
 """ % dict(port=port, db=BENCH_DB, pg_port=pg_port, user=q(BENCH_USER), cpw=q(client_password),
-           pool=pool_size, spw=q(BENCH_PASSWORD)))
+           pool=pool_size, spw=q(BENCH_PASSWORD), workers=workers))
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -643,6 +655,9 @@ def parse_args(argv=None):
     ap.add_argument("--targets", default=None,
                     help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pypy "
                          "(default: all that apply)")
+    ap.add_argument("--workers", default="1",
+                    help="comma list of worker_threads for pgdoorman (default 1); each N > 1 "
+                         "adds a target pgdoorman-wN (CPython), e.g. --workers 1,2")
     ap.add_argument("--client-auth", choices=["scram", "plain"], default="scram",
                     help="password in pgdoorman's config: the SCRAM secret (default) or plaintext")
     ap.add_argument("--warmup", type=int, default=2,
@@ -685,8 +700,16 @@ def parse_args(argv=None):
     else:
         args.targets = ["direct", "pgbouncer", "pgdoorman"] + (["pgdoorman-pypy"] if args.pypy
                                                                  else [])
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        ap.error("--workers wants a comma list of numbers")
+    for w in args.workers:
+        if w > 1 and "pgdoorman-w%d" % w not in args.targets:
+            args.targets.append("pgdoorman-w%d" % w)
     for t in args.targets:
-        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy"):
+        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy") and \
+                not (t.startswith("pgdoorman-w") and t[11:].isdigit()):
             ap.error("unknown target %r" % t)
     if args.profile and "pgdoorman" not in args.targets:
         ap.error("--profile needs the pgdoorman target (py-spy reads CPython only)")
@@ -738,6 +761,10 @@ def main(argv=None):
         if "pgdoorman" in args.targets:
             services["pgdoorman"] = start_pgdoorman("pgdoorman", args.python, workdir,
                                                     cluster.port, client_pw, args.pool_size)
+        for t in args.targets:
+            if t.startswith("pgdoorman-w"):
+                services[t] = start_pgdoorman(t, args.python, workdir, cluster.port, client_pw,
+                                              args.pool_size, workers=int(t[11:]))
         if "pgdoorman-pypy" in args.targets:
             pypy = ensure_pypy_venv()
             vmprof_base = None

@@ -273,6 +273,10 @@ class AdminConsole:
             method = getattr(self, "show_" + name, None)
             if method is None:
                 raise AdminError("invalid command '%s', use SHOW HELP;" % statement.strip())
+            if getattr(self.top, "worker", None) is not None:
+                from pgdoorman import workers
+                if name in workers.GATHERED:
+                    return workers.gather_show(self, name)  # every worker's rows
             return method()
         method = getattr(self, "cmd_" + verb, None)
         if method is None:
@@ -651,6 +655,8 @@ class AdminConsole:
         ok, message = self.top.reload_config()
         if not ok:
             raise AdminError("RELOAD failed: %s" % message, CONFIG_FILE_ERROR)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("reload")  # worker_threads: every worker reloads
         return Result("RELOAD")
 
     def cmd_pause(self, arg: str) -> defer.Deferred:
@@ -660,6 +666,11 @@ class AdminConsole:
                              "paused" % db, OBJECT_IN_USE)
         self.log.info("PAUSE {db} command issued", db=db or "")
         d = self.pools.pause(db)
+        worker = getattr(self.top, "worker", None)
+        if worker is not None:  # worker_threads: answered once every worker has paused
+            others = worker.ask_others("pause", timeout=3600.0, db=db)
+            d = defer.gatherResults([d, others], consumeErrors=True)
+            d.addErrback(lambda f: f.value.subFailure)
         d.addCallback(lambda _: Result("PAUSE"))
         d.addErrback(_as_admin_error)
         return d
@@ -674,12 +685,16 @@ class AdminConsole:
             raise AdminError("database %s is not paused" % db, OBJECT_IN_USE)
         self.log.info("RESUME {db} command issued", db=db or "")
         self.pools.resume(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("resume", db=db)
         return Result("RESUME")
 
     def cmd_reconnect(self, arg: str) -> Result:
         db = self._database(arg)
         self.log.info("RECONNECT {db} command issued", db=db or "")
         self.pools.reconnect(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("reconnect", db=db)
         return Result("RECONNECT")
 
     def cmd_kill(self, arg: str) -> Result:
@@ -688,6 +703,8 @@ class AdminConsole:
             raise AdminError("KILL needs a database: KILL <db>", SYNTAX_ERROR)
         self.log.info("KILL {db} command issued", db=db)
         self.pools.kill(db)
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("kill", db=db)
         return Result("KILL")
 
     def cmd_shutdown(self, arg: str) -> Result:
@@ -700,7 +717,10 @@ class AdminConsole:
         if mode not in ("", "wait_for_servers", "wait_for_clients"):
             raise AdminError("invalid command 'SHUTDOWN %s', use SHOW HELP;" % arg)
         self.log.info("SHUTDOWN {mode} command issued", mode=mode.upper())
-        self.top.shutdown("clients" if mode == "wait_for_clients" else "servers")
+        wait_for = "clients" if mode == "wait_for_clients" else "servers"
+        if getattr(self.top, "worker", None) is not None:
+            self.top.worker.tell_others("shutdown", wait_for)  # worker_threads: all stop
+        self.top.shutdown(wait_for)
         return Result("SHUTDOWN")
 
     def cmd_upgrade(self, arg: str) -> defer.Deferred:

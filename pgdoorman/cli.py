@@ -313,6 +313,19 @@ def run(config, log_level: str = "info", log_format: str = "text",
         let the starting command exit 0).
     @raise StartupError: the port cannot be bound; nothing keeps running.
     """
+    if config.general.worker_threads != 1 and not os.environ.get("PGDOORMAN_WORKER"):
+        # worker_threads > 1: this process supervises the workers (pgdoorman.workers).
+        try:
+            from pgdoorman import reactor as _reactor
+            _reactor.install()
+        except Exception:
+            pass
+        from pgdoorman import workers
+        if workers.count(config) > 1:
+            return workers.supervise(config, log_level, log_format, log_file, syslog_name,
+                                     ready)
+    elif os.environ.get("PGDOORMAN_WORKER"):
+        syslog_name = syslog_name or os.environ.get("PGDOORMAN_SYSLOG")
     try:
         from pgdoorman import reactor as _reactor
         _reactor.install()

@@ -37,7 +37,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -70,6 +70,7 @@ SECTIONS = ("general", "pool", "user", "auth_query", "prometheus")
 TYPE_DESCRIPTIONS = {
     "str": "a string",
     "int": "an integer",
+    "workers": 'a number of worker processes, or "auto" (one per core)',
     "bool": "a boolean (true or false)",
     "port": "a port number (1..65535)",
     "duration": 'a duration such as "30s", "5m", "100ms", "1h", "2d" '
@@ -256,9 +257,11 @@ OPTIONS: List[Option] = (
         _r("pooler_check_query", "str", ";",
            "Query answered by the pooler itself, used for health checks and "
            "server_idle_check_timeout."),
-        _r("worker_threads", "int", 4,
-           "PgDoorman's worker threads; pgdoorman maps this to worker "
-           "processes.", implemented=False, minimum=1),
+        _r("worker_threads", "workers", 1,
+           "Worker processes sharing one listening socket and one pool budget "
+           "(pool_size is over all of them); \"auto\" is one per core. 1 is a "
+           "single process. PgDoorman's threads, as processes.", minimum=1,
+           maximum=126),
         _r("worker_cpu_affinity_pinning", "bool", False,
            "Pin workers to CPUs.", implemented=False),
         _r("tokio_global_queue_interval", "int", None,
@@ -775,6 +778,14 @@ def _convert(opt: Option, value: Any) -> Any:
         return _as_str(value)
     if kind == "int":
         return _as_int(value, opt)
+    if kind == "workers":
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type("workers", value)
+        return _as_int(value, opt)
     if kind == "bool":
         if not isinstance(value, bool):
             raise _wrong_type("bool", value)
@@ -873,7 +884,7 @@ class GeneralConfig:
     listen_fanout: bool
     session_state_policy: str
     pooler_check_query: str
-    worker_threads: int
+    worker_threads: Union[int, str]
     worker_cpu_affinity_pinning: bool
     tokio_global_queue_interval: Optional[int]
     tokio_event_interval: Optional[int]

@@ -207,6 +207,8 @@ class Pool:
                and self.connecting < limit):
             if coordinator is not None and not coordinator.acquire(self):
                 break  # max_db_connections: the coordinator wakes us (pgdoorman.coordinator)
+            if self.service.budget is not None and not self.service.budget.acquire(self):
+                break  # worker_threads: the budget broker grants a slot later (budget.py)
             self._connect()
 
     def _connect(self) -> defer.Deferred:
@@ -234,6 +236,8 @@ class Pool:
         self.connecting -= 1
         if self.coordinator is not None:
             self.coordinator.released()
+        if self.service.budget is not None:
+            self.service.budget.release(self)
         self.stats.server_connect_errors += 1
         err = failure.value
         if not isinstance(err, errors.PgError):
@@ -266,6 +270,8 @@ class Pool:
             self.stats.server_bytes += server.server_bytes
 
     def server_lost(self, server) -> None:
+        if self.service.budget is not None:
+            self.service.budget.lost(self, server)
         self._retire(server)
         try:
             self.idle.remove(server)
@@ -322,6 +328,8 @@ class Pool:
         while len(self.servers) + self.connecting < keep:
             if coordinator is not None and not coordinator.try_acquire(self):
                 break  # min_pool_size never takes the database's last slots from clients
+            if self.service.budget is not None and not self.service.budget.acquire(self):
+                break  # worker_threads: the grant opens it (budget.BudgetClient.granted)
             self._connect().addErrback(lambda f: None)
 
     def close_idle(self) -> None:
@@ -420,6 +428,11 @@ class PoolService(service.Service):
         #: during an upgrade, the new process passes cancels for keys it does not know to
         #: the old one (L{pgdoorman.upgrade}); returns True when it did.
         self.forward_cancel = None
+        #: worker_threads > 1: the L{pgdoorman.budget.BudgetClient} every new server
+        #: connection asks first, and this worker's tag in the cancel keys it gives out
+        #: (L{pgdoorman.workers}); None and 0 in a single process.
+        self.budget = None
+        self.worker_tag = 0
         #: ErrorResponses sent to clients, by SQLSTATE (auth failures, timeouts, ...).
         self.errors: Dict[str, int] = {}
         #: databases paused with PAUSE db; C{paused_all} for a plain PAUSE.
@@ -472,6 +485,8 @@ class PoolService(service.Service):
         """Give C{client} a fresh BackendKeyData (pid, secret) of our own."""
         while True:
             pid = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+            if self.worker_tag:
+                pid = (pid & 0xFFFFFF) | self.worker_tag  # which worker: pgdoorman.workers
             secret = int.from_bytes(os.urandom(4), "big", signed=True)
             if (pid, secret) not in self.cancel_keys:
                 break

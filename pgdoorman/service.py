@@ -64,6 +64,14 @@ class PgDoormanService(service.MultiService):
         #: sockets are inherited, not bound, and clients arrive over a socketpair.
         self.inherited = upgrade.inherited()
         listeners = self.inherited.listeners if self.inherited is not None else {}
+        #: worker_threads > 1: this process is one of the workers (L{pgdoorman.workers}),
+        #: on the supervisor's sockets; its line to the supervisor once started.
+        self.worker = None
+        self._worker_info = None
+        if os.environ.get("PGDOORMAN_WORKER"):
+            from pgdoorman import workers
+            self._worker_info = workers.inherited()
+            listeners = self._worker_info.listeners
         if "listen" in listeners:
             fd, family = listeners["listen"]
             self.listener = upgrade.InheritedPort(fd, family, self.factory)
@@ -85,7 +93,7 @@ class PgDoormanService(service.MultiService):
                                                   g.backlog or 1024)
             self.unix_listener.setServiceParent(self)
         self.metrics = None
-        if config.prometheus.enabled:
+        if config.prometheus.enabled and self._worker_info is None:  # workers: the supervisor
             from pgdoorman.metrics import make_metrics_service, make_site
             if "metrics" in listeners:
                 fd, family = listeners["metrics"]
@@ -115,6 +123,12 @@ class PgDoormanService(service.MultiService):
         # The reactor installs its own SIGTERM handler when it starts running (after this,
         # for both twistd and the pgdoorman command): ours goes in once it runs.
         reactor.callWhenRunning(self._installTermHandlers)
+        if self._worker_info is not None:
+            from pgdoorman import workers
+            if self.unix_listener is not None:
+                self.unix_listener.keep_file()  # the supervisor's file, shared by all workers
+            self.worker = workers.WorkerLink(self, self._worker_info)
+            self.worker.start()
         if self.inherited is not None:
             # Listening on the inherited sockets now: tell the old process, take its clients.
             self.takeover = upgrade.Takeover(self, self.inherited)
@@ -177,6 +191,8 @@ class PgDoormanService(service.MultiService):
         connections, or at once with the reason it was refused; this process keeps serving
         when it is refused.
         """
+        if self.worker is not None:
+            return self.worker.upgrade(why)  # the supervisor replaces every worker
         from pgdoorman import upgrade
         if self._upgrade is None or self._upgrade.state == "idle":
             self._upgrade = upgrade.Upgrade(self)
@@ -190,7 +206,8 @@ class PgDoormanService(service.MultiService):
                       path=self.config.path)
         reopen_logs()
         self.reload_config()
-        self._upgradeIfInstalledChanged()
+        if self.worker is None:  # workers: the supervisor's business
+            self._upgradeIfInstalledChanged()
 
     def _upgradeIfInstalledChanged(self) -> None:
         """
@@ -260,7 +277,8 @@ class PgDoormanService(service.MultiService):
 
     def _warnRestartOnly(self, new) -> None:
         old = self.config
-        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode"):
+        for key in ("host", "port", "backlog", "unix_socket_dir", "unix_socket_mode") + \
+                (("worker_threads",) if self.worker is None else ()):
             if getattr(old.general, key) != getattr(new.general, key):
                 self.log.warn("general.{key} changed in the config file: it takes effect at "
                               "the next restart", key=key)

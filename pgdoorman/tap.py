@@ -69,4 +69,11 @@ def build_service(config):
 
 
 def makeService(options):
-    return build_service(options["loaded"])
+    config = options["loaded"]
+    if config.general.worker_threads != 1:
+        from twisted.logger import Logger
+        Logger(namespace="pgdoorman").warn(
+            "general.worker_threads ({n}) needs the pgdoorman command, which supervises the "
+            "workers: under twistd pgdoorman runs as one process",
+            n=config.general.worker_threads)
+    return build_service(config)

@@ -633,6 +633,7 @@ class TestUnimplemented:
 general:
   admin_password: x
   worker_threads: 8
+  worker_cpu_affinity_pinning: true
   tokio_event_interval: 61
   max_memory_usage: 512MB
   connect_timeout: 5s
@@ -657,7 +658,7 @@ pools:
         cfg = loads(text)
         assert cfg.unimplemented_keys() == [
             "web",
-            "general.worker_threads",
+            "general.worker_cpu_affinity_pinning",
             "general.tokio_event_interval",
             "general.max_memory_usage",
             "pools.db.log_client_parameter_status_changes",
