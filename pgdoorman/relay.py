@@ -182,11 +182,13 @@ class Relay:
         n = len(data)
         client.client_bytes += n
         link = server.link
+        # (A ';' before the last byte of the text: more than one statement, and a SET, PREPARE
+        # or LISTEN after the first one is seen only by the look.)
         if n > 7 and data[0] == _QUERY and n == 1 + _unpack_len(data, 1)[0] and \
                 data[5] not in _SQL_STATEMENT_FIRST and \
                 (data[7] not in _THIRD or data[6] not in _SECOND) and \
                 (n < 16 or data[14] != 95 and data[15] != 95) and not link.dirty and \
-                self.scanner.between_messages and \
+                self.scanner.between_messages and data.find(b";", 5, n - 2) < 0 and \
                 (self.remap is None or not _prepared.may_drop_statements(data)):
             # The common case, one whole simple Query: no scan, nothing to rewrite.
             if not link.pending:

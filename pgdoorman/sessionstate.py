@@ -76,7 +76,8 @@ _NAME = re.compile(r"^[a-z_][a-z0-9_$]*(?:\.[a-z_][a-z0-9_$]*)?$")
 
 # -- spotting statements ------------------------------------------------------------------
 
-_START = rb"(?:^|;)\s*"
+#: The start of a statement: the text's, or after a ';', blanks and comments skipped.
+_START = rb"(?:^|;)(?:\s|--[^\n]*(?:\n|$)|/\*[\s\S]*?\*/)*"
 _SETTINGS = re.compile(_START + rb"(?:reset|discard|set(?!\s+(?:local|transaction)\b))\b"
                        rb"|\bset_config\s*\(", re.IGNORECASE)
 _PIN = (

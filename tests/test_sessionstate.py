@@ -299,6 +299,33 @@ def test_simple_query_forms_are_seen(pgdoorman, pg, new_user):
             conn.close()
 
 
+def test_settings_after_the_first_statement_or_a_comment_are_seen(pgdoorman, pg, new_user):
+    """
+    A SET that is not the first statement of a simple Query, or comes after a comment, follows
+    its client too, and a temp table created so pins it (psql -c, scripts, ORMs' comments).
+    """
+    d, user, password = start(pgdoorman, pg, new_user)
+    conns = clients(d, user, password, 3)
+    a = conns[0]
+    try:
+        a.execute("BEGIN; SET statement_timeout = '4s'; COMMIT")
+        a.execute("/* app: billing */ SET lock_timeout = '6s'")
+        a.execute("-- a comment line\nSET idle_in_transaction_session_timeout = '9s'")
+        for _ in range(3):
+            for c in conns:
+                mine = c is a
+                assert show(c, "statement_timeout") == ("4s" if mine else "0")
+                assert show(c, "lock_timeout") == ("6s" if mine else "0")
+                assert show(c, "idle_in_transaction_session_timeout") == ("9s" if mine else "0")
+        a.execute("SELECT 1; CREATE TEMP TABLE t2 (x int)")
+        assert_pinned(d, user, ["temp_table"])
+        a.execute("DROP TABLE t2")
+        assert_pinned(d, user, [])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_role_and_cursor_with_hold_pin(pgdoorman, pg, new_user):
     d, user, password = start(pgdoorman, pg, new_user)
     conns = clients(d, user, password, 3)
