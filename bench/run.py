@@ -243,7 +243,7 @@ def ensure_pypy_venv():
 
 
 def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
-                    vmprof_base=None):
+                    vmprof_base=None, env_extra=None):
     d = os.path.join(workdir, name)
     os.makedirs(d)
     port = free_port()
@@ -272,6 +272,8 @@ pools:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PGDOORMAN_PURE_PYTHON", None)
+    env.update(env_extra or {})
     argv = [python, "-m", "pgdoorman", conf]
     if vmprof_base:
         # PyPy under vmprof, switched on and off by SIGUSR1 around each profiled run
@@ -289,6 +291,15 @@ pools:
         svc.stop()
         raise
     return svc
+
+
+def scanner_of(pid):
+    """Which framing scanner a pgdoorman process runs: the compiled one is a loaded .so."""
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            return ", compiled scanner" if "_cframing" in f.read() else ", pure-Python scanner"
+    except OSError:
+        return ""
 
 
 def check_login(svc):
@@ -639,7 +650,8 @@ def parse_args(argv=None):
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the CPython pgdoorman (default: this one)")
     ap.add_argument("--targets", default=None,
-                    help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pypy "
+                    help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pure (CPython "
+                         "on the pure-Python framing scanner),pgdoorman-pypy "
                          "(default: all that apply)")
     ap.add_argument("--client-auth", choices=["scram", "plain"], default="scram",
                     help="password in pgdoorman's config: the SCRAM secret (default) or plaintext")
@@ -684,7 +696,7 @@ def parse_args(argv=None):
         args.targets = ["direct", "pgbouncer", "pgdoorman"] + (["pgdoorman-pypy"] if args.pypy
                                                                  else [])
     for t in args.targets:
-        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy"):
+        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pure", "pgdoorman-pypy"):
             ap.error("unknown target %r" % t)
     if args.profile and "pgdoorman" not in args.targets:
         ap.error("--profile needs the pgdoorman target (py-spy reads CPython only)")
@@ -736,6 +748,11 @@ def main(argv=None):
         if "pgdoorman" in args.targets:
             services["pgdoorman"] = start_pgdoorman("pgdoorman", args.python, workdir,
                                                     cluster.port, client_pw, args.pool_size)
+        if "pgdoorman-pure" in args.targets:
+            # the same CPython on the pure-Python framing scanner (the compiled one's reference)
+            services["pgdoorman-pure"] = start_pgdoorman(
+                "pgdoorman-pure", args.python, workdir, cluster.port, client_pw, args.pool_size,
+                env_extra={"PGDOORMAN_PURE_PYTHON": "1"})
         if "pgdoorman-pypy" in args.targets:
             pypy = ensure_pypy_venv()
             vmprof_base = None
@@ -753,7 +770,7 @@ def main(argv=None):
         for name, svc in services.items():
             check_login(svc)
             ports[name] = svc.port
-            log("%s on port %d (pid %d)" % (name, svc.port, svc.pid))
+            log("%s on port %d (pid %d)%s" % (name, svc.port, svc.pid, scanner_of(svc.pid)))
 
         if args.warmup:
             log("warm-up: %d s of -S per target and mode" % args.warmup)
@@ -857,7 +874,7 @@ def main(argv=None):
                         profiles.append(base + ".vmprof")
                         log("vmprof: %s.vmprof, %s.top.txt" % (base, base))
 
-        pythons = {"pgdoorman": args.python}
+        pythons = {"pgdoorman": args.python, "pgdoorman-pure": args.python}
         if "pgdoorman-pypy" in services:
             pythons["pgdoorman-pypy"] = os.path.join(PYPY_VENV, "bin", "python")
         header = ["pgbench -n -j 2 -T %d, scale %d, pool size %d; pooler CPU per transaction "
