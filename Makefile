@@ -5,7 +5,9 @@ PY = $(VENV)/bin/python
 
 .PHONY: venv run test test-deps bench profile lint clean soak
 
-$(VENV)/.stamp: setup.cfg pyproject.toml
+# pip builds the optional compiled framing scanner (setup.py) in place; a change to its .pyx
+# rebuilds it here.
+$(VENV)/.stamp: setup.cfg pyproject.toml setup.py pgdoorman/protocol/_cframing.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -23,8 +25,11 @@ test-deps: venv
 	sh tools/test-deps.sh $(VENV)
 	sh tools/patroni-deps.sh
 
+# tests/test_framing.py tests both scanners and, with PGDOORMAN_REQUIRE_COMPILED=1, fails if
+# `make venv` did not build the compiled one (or it is older than its .pyx).  The rest of the
+# suite runs on the compiled one; PGDOORMAN_PURE_PYTHON=1 make test runs it on the reference.
 test: venv test-deps
-	$(PY) -m pytest -q tests
+	PGDOORMAN_REQUIRE_COMPILED=1 $(PY) -m pytest -q tests
 
 # Issue 13's long run: hostile clients beside canaries for PGDOORMAN_SOAK_SECONDS (600), 20
 # workers, a fresh seed each time unless PGDOORMAN_HOSTILE_SEED is set (printed on failure).
@@ -43,7 +48,7 @@ profile: venv
 	VENV=$(VENV) sh bench/profile.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache pgdoorman/protocol/_cframing.*.so
 
 # Packages (issue 8): each installs its own build dependencies with apt-get when missing.
 .PHONY: docs deb rpm test-packages

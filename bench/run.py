@@ -254,7 +254,7 @@ def ensure_pypy_venv():
 
 
 def start_pgdoorman(name, python, workdir, pg_port, client_password, pool_size,
-                    vmprof_base=None, workers=1):
+                    vmprof_base=None, workers=1, env_extra=None):
     d = os.path.join(workdir, name)
     os.makedirs(d)
     port = free_port()
@@ -286,6 +286,8 @@ pools:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PGDOORMAN_PURE_PYTHON", None)
+    env.update(env_extra or {})
     argv = [python, "-m", "pgdoorman", conf]
     if vmprof_base:
         # PyPy under vmprof, switched on and off by SIGUSR1 around each profiled run
@@ -303,6 +305,15 @@ pools:
         svc.stop()
         raise
     return svc
+
+
+def scanner_of(pid):
+    """Which framing scanner a pgdoorman process runs: the compiled one is a loaded .so."""
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            return ", compiled scanner" if "_cframing" in f.read() else ", pure-Python scanner"
+    except OSError:
+        return ""
 
 
 def check_login(svc):
@@ -653,7 +664,8 @@ def parse_args(argv=None):
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the CPython pgdoorman (default: this one)")
     ap.add_argument("--targets", default=None,
-                    help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pypy "
+                    help="comma list of direct,pgbouncer,pgdoorman,pgdoorman-pure (CPython "
+                         "on the pure-Python framing scanner),pgdoorman-pypy "
                          "(default: all that apply)")
     ap.add_argument("--workers", default="1",
                     help="comma list of worker_threads for pgdoorman (default 1); each N > 1 "
@@ -708,8 +720,8 @@ def parse_args(argv=None):
         if w > 1 and "pgdoorman-w%d" % w not in args.targets:
             args.targets.append("pgdoorman-w%d" % w)
     for t in args.targets:
-        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pypy") and \
-                not (t.startswith("pgdoorman-w") and t[11:].isdigit()):
+        if t not in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-pure", "pgdoorman-pypy") \
+                and not (t.startswith("pgdoorman-w") and t[11:].isdigit()):
             ap.error("unknown target %r" % t)
     if args.profile and "pgdoorman" not in args.targets:
         ap.error("--profile needs the pgdoorman target (py-spy reads CPython only)")
@@ -765,6 +777,11 @@ def main(argv=None):
             if t.startswith("pgdoorman-w"):
                 services[t] = start_pgdoorman(t, args.python, workdir, cluster.port, client_pw,
                                               args.pool_size, workers=int(t[11:]))
+        if "pgdoorman-pure" in args.targets:
+            # the same CPython on the pure-Python framing scanner (the compiled one's reference)
+            services["pgdoorman-pure"] = start_pgdoorman(
+                "pgdoorman-pure", args.python, workdir, cluster.port, client_pw, args.pool_size,
+                env_extra={"PGDOORMAN_PURE_PYTHON": "1"})
         if "pgdoorman-pypy" in args.targets:
             pypy = ensure_pypy_venv()
             vmprof_base = None
@@ -782,7 +799,7 @@ def main(argv=None):
         for name, svc in services.items():
             check_login(svc)
             ports[name] = svc.port
-            log("%s on port %d (pid %d)" % (name, svc.port, svc.pid))
+            log("%s on port %d (pid %d)%s" % (name, svc.port, svc.pid, scanner_of(svc.pid)))
 
         if args.warmup:
             log("warm-up: %d s of -S per target and mode" % args.warmup)
@@ -886,7 +903,7 @@ def main(argv=None):
                         profiles.append(base + ".vmprof")
                         log("vmprof: %s.vmprof, %s.top.txt" % (base, base))
 
-        pythons = {"pgdoorman": args.python}
+        pythons = {"pgdoorman": args.python, "pgdoorman-pure": args.python}
         if "pgdoorman-pypy" in services:
             pythons["pgdoorman-pypy"] = os.path.join(PYPY_VENV, "bin", "python")
         header = ["pgbench -n -j 2 -T %d, scale %d, pool size %d; pooler CPU per transaction "

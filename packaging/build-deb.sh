@@ -30,7 +30,9 @@ build=build/deb
 src=$build/pgdoorman-$version
 rm -rf "$build"
 mkdir -p "$src" dist
-tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
+# Pure Python (packaging/README.md): no compiled scanner, nor a .so built in place by
+# `pip install -e`.
+tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude='*.pyx' \
     pgdoorman twisted setup.cfg pyproject.toml README.md docs packaging \
     | tar -xf - -C "$src"
 cp -r packaging/debian "$src/debian"

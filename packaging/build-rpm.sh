@@ -18,7 +18,9 @@ version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' pgdoorman/__init__.py)
 top=$(pwd)/build/rpm
 rm -rf "$top"
 mkdir -p "$top/SOURCES" "$top/stage/pgdoorman-$version" dist
-tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
+# Pure Python (packaging/README.md): no compiled scanner, nor a .so built in place by
+# `pip install -e`.
+tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude='*.pyx' \
     pgdoorman twisted setup.cfg pyproject.toml README.md docs packaging \
     | tar -xf - -C "$top/stage/pgdoorman-$version"
 tar -czf "$top/SOURCES/pgdoorman-$version.tar.gz" -C "$top/stage" "pgdoorman-$version"

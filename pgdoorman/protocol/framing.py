@@ -13,10 +13,15 @@ docs 55.7, "Message Formats").  Two shapes of reader need that:
 
 Both reassemble split messages in a bytearray, so a large message that arrives in many reads
 costs one copy, not one per read.
+
+The Scanner defined here is the reference; on CPython, C{Scanner} is its compiled twin from
+protocol/_cframing.pyx when that was built (see the end of this module).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import struct
 from typing import Callable, List, Optional, Tuple
 
@@ -209,3 +214,19 @@ class MessageBuffer:
         framed = b"".join(bytes((code,)) + struct.pack("!I", len(p) + 4) + p
                           for code, p in messages)
         self._buf[:0] = framed
+
+
+#: The pure-Python Scanner: the reference, which protocol/_cframing.pyx must match.
+PyScanner = Scanner
+#: C{Scanner} is the compiled one (protocol/_cframing.pyx).  CPython only: PyPy runs the pure
+#: one faster than any extension it must reach through cpyext.  PGDOORMAN_PURE_PYTHON=1 keeps
+#: the reference, to compare the two or to rule the extension out.
+COMPILED = False
+if platform.python_implementation() == "CPython" and \
+        os.environ.get("PGDOORMAN_PURE_PYTHON", "") != "1":
+    try:
+        from pgdoorman.protocol._cframing import Scanner  # noqa: F811
+    except ImportError:
+        pass
+    else:
+        COMPILED = True
