@@ -757,3 +757,23 @@ def send_cancel(port, pid, key, host="127.0.0.1"):
 
 def md5_secret(user, password):
     return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def same_replies_as_postgresql(pg, new_user, pgdoorman, scenario):
+    """
+    Run C{scenario(a, b)} (two L{RawClient}s, returning what they received) against
+    PostgreSQL directly and then through pgdoorman with a pool of one server: every exchange
+    must be the same, and the two pooled clients must have shared that one server.
+    """
+    user, password = new_user()
+    direct = [RawClient(pg.port).startup(user, "db1", password) for _ in range(2)]
+    expected = scenario(*direct)
+    d = pgdoorman(simple_config(pg, user, password, pool_size=1))
+    pooled = [RawClient(d.port).startup(user, "db1", password) for _ in range(2)]
+    got = scenario(*pooled)
+    for c in direct + pooled:
+        c.terminate()
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, "exchange %d differs" % i
+    assert pg.count_backends(user) <= 1

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from conftest import RawClient, simple_config
+from conftest import same_replies_as_postgresql, RawClient, simple_config
 from test_prepared_protocol import SYNC, bind, close, describe, execute, parse, query, replies
 
 pytestmark = pytest.mark.timeout(90)
@@ -76,18 +76,7 @@ def scenario_unnamed_sql(a, b):
 @pytest.mark.parametrize("scenario", [scenario_unnamed, scenario_unnamed_sql],
                          ids=lambda f: f.__name__[9:])
 def test_same_replies_as_postgresql(pg, new_user, pgdoorman, scenario):
-    user, password = new_user()
-    direct = [RawClient(pg.port).startup(user, "db1", password) for _ in range(2)]
-    expected = scenario(*direct)
-    d = pgdoorman(simple_config(pg, user, password, pool_size=1))
-    pooled = [RawClient(d.port).startup(user, "db1", password) for _ in range(2)]
-    got = scenario(*pooled)
-    for c in direct + pooled:
-        c.terminate()
-    assert len(got) == len(expected)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert g == e, "exchange %d differs" % i
-    assert pg.count_backends(user) <= 1
+    same_replies_as_postgresql(pg, new_user, pgdoorman, scenario)
 
 
 def test_pg8000_anonymous_statements_share_one_server_plan(pg, new_user, pgdoorman):

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from conftest import RawClient, message, simple_config
+from conftest import same_replies_as_postgresql, RawClient, message, simple_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -281,19 +281,7 @@ SCENARIOS = [scenario_named_roundtrip, scenario_describe, scenario_duplicate_nam
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__[9:])
 def test_same_replies_as_postgresql(pg, new_user, pgdoorman, scenario):
-    user, password = new_user()
-    direct = [RawClient(pg.port).startup(user, "db1", password) for _ in range(2)]
-    expected = scenario(*direct)
-    d = pgdoorman(simple_config(pg, user, password, pool_size=1))
-    pooled = [RawClient(d.port).startup(user, "db1", password) for _ in range(2)]
-    got = scenario(*pooled)
-    for c in direct + pooled:
-        c.terminate()
-    assert len(got) == len(expected)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert g == e, "exchange %d differs" % i
-    # and the pool really had one server for both clients
-    assert pg.count_backends(user) <= 1
+    same_replies_as_postgresql(pg, new_user, pgdoorman, scenario)
 
 
 def test_many_clients_share_statements(pg, new_user, pgdoorman):

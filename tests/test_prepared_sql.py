@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import RawClient, simple_config
+from conftest import same_replies_as_postgresql, RawClient, simple_config
 from test_prepared_protocol import SYNC, bind, close, describe, execute, parse, query, replies
 
 pytestmark = pytest.mark.timeout(90)
@@ -136,18 +136,7 @@ SCENARIOS = [scenario_same_name_other_text, scenario_parameters_and_types,
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__[9:])
 def test_same_replies_as_postgresql(pg, new_user, pgdoorman, scenario):
-    user, password = new_user()
-    direct = [RawClient(pg.port).startup(user, "db1", password) for _ in range(2)]
-    expected = scenario(*direct)
-    d = pgdoorman(simple_config(pg, user, password, pool_size=1))
-    pooled = [RawClient(d.port).startup(user, "db1", password) for _ in range(2)]
-    got = scenario(*pooled)
-    for c in direct + pooled:
-        c.terminate()
-    assert len(got) == len(expected)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert g == e, "exchange %d differs" % i
-    assert pg.count_backends(user) <= 1
+    same_replies_as_postgresql(pg, new_user, pgdoorman, scenario)
 
 
 # -- real drivers ------------------------------------------------------------------------------
