@@ -116,7 +116,10 @@ def measure(svc, pid, out_base, mode, clients, n):
     b, rb = _counted(pid, out_base, lambda: _run.run_pgbench(
         port, "select", mode, clients, 0, timeout_extra=1800, transactions=1 + n))
     errors = "; ".join(e for e in (ra["errors"], rb["errors"]) if e)
-    return (b - a) / float(clients * n), errors
+    per_tx = (b - a) / float(clients * n)
+    # the first count is C logins and C transactions: what is not the transactions is logins
+    per_login = (a - clients * per_tx) / float(clients)
+    return per_tx, per_login, errors
 
 
 def main(argv=None):
@@ -152,6 +155,7 @@ def main(argv=None):
                        env=dict(os.environ, PGPASSWORD=_run.BENCH_PASSWORD), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         results = {}
+        logins = {}
         for target in targets:
             out_base = os.path.join(workdir, "callgrind-%s" % target)
             if target == "pgbouncer":
@@ -173,10 +177,12 @@ def main(argv=None):
                 # unmeasured warm-up: first Parse of each statement, first server logins
                 _run.run_pgbench(svc.port, "select", mode, args.clients, 0,
                                  timeout_extra=1800, transactions=args.warmup_tx)
-                per_tx, errors = measure(svc, pid, out_base, mode, args.clients, args.N)
+                per_tx, per_login, errors = measure(svc, pid, out_base, mode, args.clients,
+                                                    args.N)
                 results[(target, mode)] = (per_tx, errors)
-                _run.log("%s -M %s: %.0f instructions/tx%s" % (
-                    target, mode, per_tx, ("  ERRORS: " + errors) if errors else ""))
+                logins[target] = per_login
+                _run.log("%s -M %s: %.0f instructions/tx, %.0f per login%s" % (
+                    target, mode, per_tx, per_login, ("  ERRORS: " + errors) if errors else ""))
             svc.stop()
         print()
         print("instructions per select-only transaction (callgrind, -c %d, %d tx per client, "
@@ -192,6 +198,9 @@ def main(argv=None):
                 row.append("%.1f" % (results[("pgdoorman", mode)][0]
                                      / max(1.0, results[("pgbouncer", mode)][0])))
             print("| %s | %s |" % (mode, " | ".join(row)))
+        print()
+        print("instructions per client login (SCRAM, from the first count, last mode): " +
+              ", ".join("%s %.0f" % (t, logins[t]) for t in targets if t in logins))
     finally:
         for svc in services:
             svc.stop()

@@ -195,7 +195,7 @@ class ClientConnection(protocol.Protocol):
         """The client proved who it is: the admin console, or join the pool."""
         s = self.session
         self.scram_client_key = scram_client_key
-        self.transport.write(messages.authentication_ok())
+        self.send(messages.authentication_ok())
         if s.database in ADMIN_DATABASES:
             self.factory.admin_session(self)
             return
@@ -235,7 +235,7 @@ class ClientConnection(protocol.Protocol):
         out.append(messages.backend_key_data(*self.cancel_key))
         out.append(messages.ready_for_query(b"I"))
         self.login_done()
-        self.transport.write(b"".join(out))
+        self.send(b"".join(out))
         self.enter(self.relay)
         if self._queued:
             queued = b"".join(self._queued)
