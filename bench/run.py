@@ -799,7 +799,8 @@ def main(argv=None):
         for name, svc in services.items():
             check_login(svc)
             ports[name] = svc.port
-            log("%s on port %d (pid %d)%s" % (name, svc.port, svc.pid, scanner_of(svc.pid)))
+            log("%s on port %d (pid %d)%s" % (name, svc.port, svc.pid, scanner_of(svc.pid)
+                                               if name.startswith("pgdoorman") else ""))
 
         if args.warmup:
             log("warm-up: %d s of -S per target and mode" % args.warmup)
