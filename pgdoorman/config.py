@@ -239,8 +239,9 @@ OPTIONS: List[Option] = (
            "Hand out idle server connections round robin instead of reusing "
            "the most recently used one (LIFO)."),
         _r("sync_server_parameters", "bool", False,
-           "Replay parameters the client SET on other server connections in "
-           "transaction mode.", implemented=False),
+           "PgDoorman: replay parameters the client SET on other server "
+           "connections in transaction mode. pgdoorman always does, whatever this "
+           "says: every SET follows its client (see session_state_policy)."),
         _r("listen_fanout", "bool", True,
            "In transaction mode, a client's lone LISTEN/UNLISTEN is answered by "
            "the pooler: one extra server connection per pool LISTENs for all its "
