@@ -161,7 +161,8 @@ _CLOSE = messages.CLOSE
 _EXECUTE = messages.EXECUTE
 _SYNC = messages.SYNC
 _FLUSH = messages.FLUSH
-_WORDS = (b"listen", b"unlist")
+#: The first six bytes, lower-cased, of a LISTEN or UNLISTEN (the relay checks them too).
+WORDS = (b"listen", b"unlist")
 _PARSE_COMPLETE = messages.message(b"1")
 _BIND_COMPLETE = messages.message(b"2")
 _CLOSE_COMPLETE = messages.message(b"3")
@@ -209,7 +210,7 @@ def answer_extended(client, data: bytes) -> bool:
     n = len(data)
     if first == _PARSE:
         nul = data.find(b"\x00", 5, 5 + 256)
-        if nul < 0 or data[nul + 1:nul + 7].lower() not in _WORDS:
+        if nul < 0 or data[nul + 1:nul + 7].lower() not in WORDS:
             return False
     elif first == _BIND:
         nul = data.find(b"\x00", 5, n)
@@ -236,7 +237,7 @@ def answer_extended(client, data: bytes) -> bool:
             name, at = _cstr(data, pos, end)
             text, at = _cstr(data, at, end)
             if not name or text is None or end - at != 2 or data[at:end] != b"\x00\x00" \
-                    or text[:6].lower() not in _WORDS:
+                    or text[:6].lower() not in WORDS:
                 return False  # unnamed, or with parameter types, or not LISTEN/UNLISTEN
             if name in new or (statements and name in statements) or \
                     (client.remap is not None and name in client.remap.names):

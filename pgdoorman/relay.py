@@ -69,7 +69,7 @@ _S = frozenset(b"sS")  # of those, START TRANSACTION (and not SELECT) is the one
 _B = frozenset(b"bB")
 #: First bytes of a simple query that may be a lone LISTEN/UNLISTEN (L{pgdoorman.listen}).
 _L = frozenset(b"lLuU")
-_LISTEN_WORDS = (b"listen", b"unlist")
+_LISTEN_WORDS = _listen.WORDS
 
 
 class Relay:
